@@ -51,6 +51,7 @@ def make_video(tmp_path: Path):
         base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         frames = np.stack([np.roll(base, 3 * k, axis=1) for k in range(n_frames)])
         frames[:, :4, :4] = np.arange(n_frames, dtype=np.uint8)[:, None, None, None] * 5
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         path = write_video(tmp_path / name, frames, fps=fps, codec=codec)
         written[name] = frames
         return path

@@ -1,0 +1,498 @@
+"""Stage one end to end: video files -> decoded frames -> C3D taps -> the feature store.
+
+The work is cut into the store's partitions. One worker owns a partition from start to commit, so
+no two processes ever write the same chunk. Inside a worker three things overlap:
+
+- decoding runs in a child process (``IsolatedDecoder``) that prefetches the next videos, so a
+  hanging or crashing decoder costs one video, never the run;
+- C3D runs in the worker's main thread;
+- staging writes (fp16 conversion and the atomic staging file) run on one background thread.
+
+Every finished video is staged at once, so a killed run loses at most the videos in flight, and
+rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from astar.extract.decode import DecodeConfig, IsolatedDecoder, VideoDecodeError
+from astar.store import FeatureStore, PartitionPlan, StoreSchema
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset(
+    {
+        ".mp4",
+        ".avi",
+        ".mkv",
+        ".mov",
+        ".webm",
+        ".m4v",
+        ".mpg",
+        ".mpeg",
+        ".wmv",
+        ".flv",
+        ".3gp",
+        ".ts",
+    }
+)
+
+# Failure kind for a video that decoded but whose C3D pass raised (e.g. out of GPU memory).
+FEATURE_ERROR = "feature_error"
+
+
+class InputError(ValueError):
+    """The list of videos to extract is unusable (unreadable CSV, duplicate ids, nothing found)."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to extract: the settings recorded in the store schema plus how to run."""
+
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # sampling, size, padding, timeout
+    backbone: str = "c3d"  # "c3d" (the paper's) or "c3d-small" (a quarter of the channels)
+    weights: Path | None = None  # Sports-1M state dict; None = seeded random init
+    seed: int = 0  # seed of the random init when there are no weights
+    device: str | None = None  # "cpu", "cuda", None = cuda when available
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    clip_batch: int = 8  # fc7 clips per C3D forward
+    dtype: str = "float16"  # storage dtype of the features
+    partition_size: int = 64  # videos per partition (a partition is written whole by one worker)
+    ids: str = "stem"  # video ids from file names: "stem" (no extension) or "name"
+    workers: int = 1  # local worker processes; 1 = extract in this process
+    dask: str | None = None  # Dask scheduler address, or "local" for a local Dask cluster
+    prefetch: int = 2  # videos decoded ahead of C3D in each worker
+
+
+@dataclass
+class ExtractSummary:
+    """What one run did, counted over the videos it was given."""
+
+    ok: int = 0  # extracted by this run
+    failed: dict[str, int] = field(default_factory=dict)  # failure kind -> count, this run
+    skipped: int = 0  # already complete in the store (ok or failed) before this run
+    skipped_failed: int = 0  # of the skipped, how many had failed earlier
+    seconds: float = 0.0
+    frames: int = 0  # frames fed to C3D by this run
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failed.values())
+
+    def merge(self, other: ExtractSummary) -> None:
+        self.ok += other.ok
+        self.skipped += other.skipped
+        self.skipped_failed += other.skipped_failed
+        self.frames += other.frames
+        for kind, count in other.failed.items():
+            self.failed[kind] = self.failed.get(kind, 0) + count
+
+    def describe(self) -> str:
+        failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failed.items())) or "none"
+        rate = self.frames / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"ok {self.ok}, failed {self.n_failed} ({failed}), skipped {self.skipped} "
+            f"(already in the store; {self.skipped_failed} of them failed earlier) "
+            f"in {self.seconds:.1f} s, {rate:.1f} frames/s"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+ID_STYLES = ("stem", "name")
+
+
+def _id_for(path: Path, root: Path | None, style: str) -> str:
+    """A video's id: its file name without (``stem``) or with (``name``) the extension, with
+    the sub-folders below ``root`` when found in a tree."""
+    relative = path.name if root is None else path.relative_to(root).as_posix()
+    return relative.rsplit(".", 1)[0] if style == "stem" and "." in path.name else relative
+
+
+def _read_csv_list(path: Path) -> list[tuple[str, str]]:
+    """A CSV of ``id,path`` (header required); relative paths are relative to the CSV."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"id", "path"} <= set(reader.fieldnames):
+                raise InputError(
+                    f"{path}: expected a header with columns 'id' and 'path', "
+                    f"found {reader.fieldnames}"
+                )
+            videos = []
+            for line, row in enumerate(reader, start=2):
+                video_id, video_path = (row["id"] or "").strip(), (row["path"] or "").strip()
+                if not video_id or not video_path:
+                    raise InputError(f"{path}, line {line}: empty id or path")
+                source = Path(video_path)
+                if not source.is_absolute():
+                    source = path.parent / source
+                videos.append((video_id, str(source)))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path}: cannot read the video list: {error}") from error
+    return videos
+
+
+def gather_videos(inputs: Sequence[str | Path], ids: str = "stem") -> list[tuple[str, str]]:
+    """Expand directories (recursive, video extensions), files and CSV lists into (id, path).
+
+    Ids must be unique over everything given: duplicates are refused before any work, with the
+    colliding paths, because two videos under one id would silently overwrite each other.
+    """
+    videos: list[tuple[str, str]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(
+                p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+            )
+            if not found:
+                log.warning(
+                    "%s: no video files found (extensions %s)", item, sorted(VIDEO_EXTENSIONS)
+                )
+            videos += [(_id_for(p, item, ids), str(p)) for p in found]
+        elif item.suffix.lower() == ".csv":
+            if not item.is_file():
+                raise InputError(f"{item}: no such video list")
+            videos += _read_csv_list(item)
+        else:
+            # A missing or unreadable file is not refused here: it gets its own failure record.
+            videos.append((_id_for(item, None, ids), str(item)))
+    if not videos:
+        raise InputError(f"no videos found in {', '.join(map(str, inputs))}")
+    counts = Counter(video_id for video_id, _ in videos)
+    duplicates = sorted(video_id for video_id, count in counts.items() if count > 1)
+    if duplicates:
+        examples = [
+            f"{video_id}: " + ", ".join(p for i, p in videos if i == video_id)
+            for video_id in duplicates[:5]
+        ]
+        raise InputError(
+            f"{len(duplicates)} duplicate video id(s); ids must be unique:\n  "
+            + "\n  ".join(examples)
+            + (
+                "\n(files that differ only by extension: --ids name keeps it in the id)"
+                if ids == "stem"
+                else ""
+            )
+        )
+    return videos
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("astar-captioning", "torch", "decord", "zarr", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def build_schema(config: ExtractConfig, extractor) -> StoreSchema:
+    """The store schema of this extraction: everything a consumer needs to trust the features."""
+    info = extractor.info
+    return StoreSchema(
+        fps=config.decode.fps,
+        size=config.decode.size,
+        min_frames=config.decode.min_frames,
+        max_frames=config.decode.max_frames,
+        backbone=info["backbone"],
+        weights=info["weights"],
+        preprocessing=info["preprocessing"],
+        clip_length=info["clip_length"],
+        clip_stride=info["clip_stride"],
+        layer_shapes={name: tuple(shape) for name, shape in extractor.layer_shapes().items()},
+        dtype=config.dtype,
+        versions=_versions(),
+    )
+
+
+def make_extractor(config: ExtractConfig):
+    from astar.extract.c3d import C3DExtractor
+
+    return C3DExtractor(
+        backbone=config.backbone,
+        weights=config.weights,
+        seed=config.seed,
+        device=config.device,
+        precision=config.precision,
+        clip_batch=config.clip_batch,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One partition
+
+
+def _video_info(decoded) -> dict:
+    return {
+        "n_frames": len(decoded.frames),
+        "n_sampled": decoded.n_sampled,
+        "padded": decoded.padded,
+        "subsampled": decoded.subsampled,
+        "duration": decoded.duration,
+        "fps": decoded.n_sampled / decoded.duration if decoded.subsampled else None,
+        "source_fps": decoded.source_fps,
+        "timestamps": decoded.timestamps,
+    }
+
+
+def extract_partition(
+    store: FeatureStore,
+    partition: PartitionPlan,
+    extractor,
+    config: ExtractConfig,
+    on_video: Callable[[str, str], None] = lambda video_id, status: None,
+) -> ExtractSummary:
+    """Extract the videos of one partition not yet staged, then commit the partition.
+
+    ``on_video(video_id, status)`` is called once per video of the partition (``skipped`` for
+    those already staged by an earlier, interrupted run).
+    """
+    summary = ExtractSummary()
+    started = time.perf_counter()
+    with store.partition_writer(partition.name) as writer:
+        todo = [(vid, src) for vid, src in partition.videos if vid not in writer.done_ids]
+        for vid, _ in partition.videos:
+            if vid in writer.done_ids:
+                summary.skipped += 1
+                on_video(vid, "skipped")
+        # One background thread stages results in order while C3D computes the next video.
+        with (
+            IsolatedDecoder(config.decode, prefetch=config.prefetch) as decoder,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage") as stager,
+        ):
+            pending = []
+            for (vid, src), (_, decoded) in zip(
+                todo, decoder.imap([s for _, s in todo]), strict=True
+            ):
+                if isinstance(decoded, VideoDecodeError):
+                    pending.append(
+                        stager.submit(writer.add_failure, vid, src, decoded.kind, decoded.reason)
+                    )
+                    summary.failed[decoded.kind] = summary.failed.get(decoded.kind, 0) + 1
+                    on_video(vid, decoded.kind)
+                    continue
+                try:
+                    features = extractor(decoded.frames)
+                except (RuntimeError, ValueError) as error:  # e.g. out of memory on a long video
+                    reason = f"{src}: C3D failed on {len(decoded.frames)} frames: {error}"
+                    pending.append(
+                        stager.submit(writer.add_failure, vid, src, FEATURE_ERROR, reason)
+                    )
+                    summary.failed[FEATURE_ERROR] = summary.failed.get(FEATURE_ERROR, 0) + 1
+                    on_video(vid, FEATURE_ERROR)
+                    continue
+                pending.append(stager.submit(writer.add, vid, src, features, _video_info(decoded)))
+                summary.ok += 1
+                summary.frames += len(decoded.frames)
+                on_video(vid, "ok")
+                pending = _reap(pending)
+            for future in pending:
+                future.result()
+        writer.commit()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _reap(futures: list) -> list:
+    """Drop finished staging jobs, raising the first error now rather than at commit."""
+    for future in futures:
+        if future.done():
+            future.result()
+    return [future for future in futures if not future.done()]
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes
+
+
+_EXTRACTORS: dict = {}  # per worker process: C3D built once, reused for every partition
+
+
+def _worker_extract(
+    store_path: str, partition: PartitionPlan, config: ExtractConfig, events, threads: int
+) -> ExtractSummary:
+    """Entry point of a worker process (local pool or Dask): one partition.
+
+    ``events`` is a queue for per-video progress, or None (Dask reports whole partitions).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    store = FeatureStore.open(store_path)
+    if config not in _EXTRACTORS:
+        _EXTRACTORS[config] = make_extractor(config)
+    report = (lambda vid, status: events.put((vid, status))) if events is not None else None
+    return extract_partition(
+        store, partition, _EXTRACTORS[config], config, report or (lambda vid, status: None)
+    )
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="video", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def extract_features(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    config: ExtractConfig,
+    progress: bool = True,
+) -> tuple[ExtractSummary, FeatureStore]:
+    """Extract every video of ``inputs`` into the store at ``out``; resume what is unfinished."""
+    started = time.perf_counter()
+    videos = gather_videos(inputs, config.ids)
+    extractor = make_extractor(config)
+    store = FeatureStore.create_or_open(out, build_schema(config, extractor))
+    store.plan(videos, partition_size=config.partition_size)
+    wanted = {vid for vid, _ in videos}
+    # Partitions already complete hold videos this run does not redo.
+    pending = store.pending()
+    pending_ids = {vid for part in pending for vid, _ in part.videos}
+    summary = ExtractSummary()
+    manifest = store.manifest
+    if len(manifest):
+        done = manifest[manifest["id"].isin(wanted - pending_ids)]
+        summary.skipped = len(done)
+        summary.skipped_failed = int((done["status"] != "ok").sum())
+    todo = [part for part in pending if any(vid in wanted for vid, _ in part.videos)]
+    total = sum(len(part.videos) for part in todo)
+    log.info(
+        "%d videos: %d already complete, %d in %d partition(s) to do",
+        len(videos),
+        summary.skipped,
+        total,
+        len(todo),
+    )
+    bar = _progress_bar(total, progress)
+    counts: Counter[str] = Counter()
+
+    def on_video(video_id: str, status: str) -> None:
+        counts["ok" if status == "ok" else "skipped" if status == "skipped" else "failed"] += 1
+        bar.set_postfix(counts, refresh=False)
+        bar.update(1)
+
+    try:
+        if config.dask is not None:
+            del extractor  # each Dask worker builds its own
+            summary.merge(_extract_on_dask(store, todo, config, bar))
+        elif config.workers <= 1 or len(todo) <= 1:
+            for part in todo:
+                summary.merge(extract_partition(store, part, extractor, config, on_video))
+        else:
+            del extractor  # each worker builds its own
+            summary.merge(_extract_in_workers(store, todo, config, on_video))
+    finally:
+        bar.close()
+        store.consolidate()
+    summary.seconds = time.perf_counter() - started
+    return summary, store
+
+
+def _extract_on_dask(store: FeatureStore, todo: list[PartitionPlan], config: ExtractConfig, bar):
+    """One Dask task per partition; the store must be on storage every worker sees."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if config.dask == "local":
+        cluster = LocalCluster(
+            n_workers=max(1, config.workers), threads_per_worker=1, processes=True
+        )
+        client = Client(cluster)
+    else:
+        cluster, client = None, Client(config.dask)
+    threads = 1 if cluster is not None else max(1, os.cpu_count() or 1)
+    summary = ExtractSummary()
+    try:
+        futures = {
+            client.submit(
+                _worker_extract,
+                str(store.path),
+                part,
+                config,
+                None,
+                threads,
+                key=f"astar-extract-{store.path.name}-{part.name}",
+                pure=False,
+            ): part
+            for part in todo
+        }
+        for future in as_completed(futures):
+            summary.merge(future.result())
+            bar.update(len(futures[future].videos))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return summary
+
+
+def _extract_in_workers(
+    store: FeatureStore,
+    todo: list[PartitionPlan],
+    config: ExtractConfig,
+    on_video: Callable[[str, str], None],
+) -> ExtractSummary:
+    context = multiprocessing.get_context("spawn")
+    workers = min(config.workers, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    summary = ExtractSummary()
+    with context.Manager() as manager:
+        events = manager.Queue()
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set() or not events.empty():
+                try:
+                    on_video(*events.get(timeout=0.1))
+                except queue.Empty:
+                    continue
+
+        reporter = threading.Thread(target=drain, name="progress", daemon=True)
+        reporter.start()
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = [
+                    pool.submit(_worker_extract, str(store.path), part, config, events, threads)
+                    for part in todo
+                ]
+                for future in futures:
+                    summary.merge(future.result())
+        finally:
+            stop.set()
+            reporter.join()
+    return summary
+
+
+__all__ = [
+    "FEATURE_ERROR",
+    "VIDEO_EXTENSIONS",
+    "ExtractConfig",
+    "ExtractSummary",
+    "InputError",
+    "build_schema",
+    "extract_features",
+    "extract_partition",
+    "gather_videos",
+]
