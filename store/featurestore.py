@@ -1,0 +1,337 @@
+"""The feature store: C3D features of many videos in a few large files, readable by id.
+
+Layout (``STORE`` is a zarr v3 group)::
+
+    zarr.json            root group; attributes = the StoreSchema (how the features were made)
+    plan.json            partition -> ordered (id, source); stable across reruns
+    manifest.csv         consolidated manifest of the complete partitions (convenience copy)
+    partitions/          zarr group
+      p00000/            zarr group, one per partition, written whole by one worker
+        pool2 .. pool5   (C, T_total, H, W): the partition's videos concatenated along time
+        fc7              (clips_total, D)
+        timestamps       (frames_total,) float64
+        manifest.csv     per video: status, reason, info, offsets/lengths, checksums. Written
+                         last: a partition exists for readers only with it
+    staging/p00003/      while a partition is in progress: one file per finished video
+    locks/p00003.lock    while a writer holds the partition
+
+The number of files grows with the bytes stored (chunks of about 1 MiB along time) and with the
+number of partitions, never with the number of videos. The partition manifests, not the
+top-level ``manifest.csv``, are the readers' source of truth, so a stale consolidated copy
+never hides or invents a video.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from astar.store.errors import SchemaMismatch, StoreError, VideoNotFound
+from astar.store.manifest import OK, empty_manifest, write_manifest
+from astar.store.partition import PartitionReader
+from astar.store.plan import PartitionPlan, extend_plan, read_plan, write_plan
+from astar.store.report import VerifyReport, verify_store
+from astar.store.schema import LAYERS, StoreSchema
+from astar.store.writer import PartitionWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoFeatures:
+    """One video read from the store."""
+
+    id: str  # video id
+    layers: dict[str, np.ndarray]  # layer -> (C, T, H, W) or fc7 (clips, D), in the store dtype
+    info: dict[str, Any]  # manifest fields (n_frames, padded, duration...); timestamps (frames,)
+
+
+class FeatureStore:
+    """A feature store on disk; see the module docstring for its layout.
+
+    Open with :meth:`open` (read) or :meth:`create_or_open` (extraction). Reading is by id,
+    ``store[video_id]``, or by batch, :meth:`read_batch`; only ok videos are readable, failed ones
+    are in :attr:`manifest` with their status and reason.
+
+    Lookup by id is a dict built from the partition manifests at first use; a partition's
+    arrays are opened once and kept. A store object sees the partitions complete at that first
+    use; :meth:`refresh` (called by itself when an unknown id is asked for) picks up later ones.
+
+    Safe to use from several processes: complete partitions are immutable and each process opens
+    its own arrays (a store object sent to a DataLoader worker is pickled without its caches).
+    """
+
+    def __init__(self, path: Path, schema: StoreSchema):
+        self.path = path
+        self.schema = schema
+        self._partitions: dict[str, PartitionReader] = {}  # complete partitions opened so far
+        self._index: dict[str, tuple[PartitionReader, int]] | None = None  # id -> (partition, row)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, backbone={self.schema.backbone!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "schema": self.schema}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["schema"])
+
+    # ----------------------------------------------------------------------------------------
+    # Opening
+
+    @classmethod
+    def open(cls, path: str | Path) -> FeatureStore:
+        """Open an existing store; :class:`StoreError` if ``path`` is none or of another format."""
+        path = Path(path)
+        root = path / "zarr.json"
+        try:
+            metadata = json.loads(root.read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise StoreError(f"{path}: not a feature store (no zarr.json)") from error
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{root}: unreadable ({error})") from error
+        if metadata.get("zarr_format") != 3 or metadata.get("node_type") != "group":
+            raise StoreError(f"{root}: not a zarr v3 group")
+        try:
+            schema = StoreSchema.from_dict(metadata.get("attributes", {}))
+        except StoreError as error:
+            raise StoreError(f"{path}: {error}") from error
+        return cls(path, schema)
+
+    @classmethod
+    def create_or_open(cls, path: str | Path, schema: StoreSchema) -> FeatureStore:
+        """Open the store at ``path`` if its schema equals ``schema``, else create it there.
+
+        Refuses (:class:`SchemaMismatch`, listing the differences) a store made otherwise, and
+        a non-empty directory that is not a store.
+        """
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            if path.exists() and any(path.iterdir()):
+                raise StoreError(f"{path}: exists, is not empty and is not a feature store")
+            path.mkdir(parents=True, exist_ok=True)
+            for folder in ("staging", "locks"):
+                (path / folder).mkdir(exist_ok=True)
+            zarr.open_group(path / "partitions", mode="a")
+            # The root group last: its zarr.json is what makes the directory a store.
+            zarr.open_group(path, mode="a", attributes=schema.to_dict())
+        store = cls.open(path)
+        differences = store.schema.differences(schema)
+        if differences:
+            raise SchemaMismatch(
+                f"{path} holds features made with other settings; use another store or the same "
+                "settings:\n  " + "\n  ".join(differences)
+            )
+        if store.schema.versions != schema.versions:
+            log.info(
+                "%s: package versions differ from the store's: %s", path, store.schema.versions
+            )
+        return store
+
+    # ----------------------------------------------------------------------------------------
+    # Planning and writing
+
+    @property
+    def partitions(self) -> list[PartitionPlan]:
+        """Every planned partition, complete or not, from ``plan.json``."""
+        return read_plan(self.path / "plan.json")
+
+    def plan(
+        self, videos: Iterable[tuple[str, str]], partition_size: int = 64
+    ) -> list[PartitionPlan]:
+        """Plan ``(id, source)`` pairs into partitions and persist the plan; returns all of them.
+
+        Stable: planned ids keep their partition, new ids go into new partitions. Duplicate ids,
+        and planned ids given with another source, are refused. Call from one process at a time.
+        """
+        existing = self.partitions
+        partitions, added = extend_plan(existing, videos, partition_size)
+        if added:
+            write_plan(self.path / "plan.json", partitions)
+        return partitions
+
+    def is_complete(self, name: str) -> bool:
+        return (self.path / "partitions" / name / "manifest.csv").is_file()
+
+    def pending(self) -> list[PartitionPlan]:
+        """Planned partitions not complete yet (never started, staged, or killed mid-commit)."""
+        return [part for part in self.partitions if not self.is_complete(part.name)]
+
+    def partition_writer(self, name: str) -> PartitionWriter:
+        """A writer for planned partition ``name``; enter it (``with``) to take its lock.
+
+        Works in any process that opened the same path. :class:`PartitionLocked` on entering
+        while a live process holds it.
+        """
+        plans = {part.name: part for part in self.partitions}
+        if name not in plans:
+            raise StoreError(f"{self.path}: partition {name!r} is not planned (see plan.json)")
+        return PartitionWriter(self, plans[name])
+
+    def consolidate(self) -> Path:
+        """Rewrite ``manifest.csv`` from the complete partitions' manifests; return its path."""
+        self.refresh()
+        tables = [part.table for part in self._opened()]
+        rows = pd.concat(tables, ignore_index=True) if tables else empty_manifest()
+        target = self.path / "manifest.csv"
+        write_manifest(target, rows)
+        return target
+
+    # ----------------------------------------------------------------------------------------
+    # Index
+
+    def refresh(self) -> None:
+        """Pick up, at next use, partitions completed since the store was opened (any process)."""
+        self._index = None
+
+    def _scan(self) -> None:
+        folder = self.path / "partitions"
+        names = sorted(p.name for p in folder.iterdir() if self.is_complete(p.name))
+        for name in names:
+            if name not in self._partitions:
+                self._partitions[name] = PartitionReader(folder / name)
+        index: dict[str, tuple[PartitionReader, int]] = {}
+        for name in names:
+            part = self._partitions[name]
+            index.update((video_id, (part, row)) for video_id, row in part.rows.items())
+        self._index = index
+
+    def _lookup(self) -> dict[str, tuple[PartitionReader, int]]:
+        if self._index is None:
+            self._scan()
+        return self._index  # type: ignore[return-value]
+
+    def _opened(self) -> list[PartitionReader]:
+        """The complete partitions, in name order."""
+        self._lookup()
+        return [self._partitions[name] for name in sorted(self._partitions)]
+
+    @property
+    def manifest(self) -> pd.DataFrame:
+        """Every video of the complete partitions, ok and failed; timestamps as lists."""
+        tables = [part.table for part in self._opened()]
+        if not tables:
+            return empty_manifest()
+        rows = pd.concat(tables, ignore_index=True)
+        rows["timestamps"] = [json.loads(cell) for cell in rows["timestamps"]]
+        return rows
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids of the readable (ok) videos, in storage order."""
+        return [
+            video_id
+            for part in self._opened()
+            for video_id, status in zip(part.table["id"], part.table["status"], strict=True)
+            if status == OK
+        ]
+
+    def __len__(self) -> int:
+        return sum(int((part.table["status"] == OK).sum()) for part in self._opened())
+
+    def __contains__(self, video_id: object) -> bool:
+        found = self._lookup().get(video_id)  # type: ignore[call-overload]
+        return found is not None and found[0].table["status"].iat[found[1]] == OK
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def _locate(self, video_id: str) -> tuple[PartitionReader, int]:
+        found = self._lookup().get(video_id)
+        if found is None:
+            self.refresh()  # completed by another process since?
+            found = self._lookup().get(video_id)
+        if found is None:
+            raise VideoNotFound(self._missing_message(video_id))
+        part, row = found
+        status = part.table["status"].iat[row]
+        if status != OK:
+            reason = part.table["reason"].iat[row]
+            raise VideoNotFound(f"video {video_id!r} failed during extraction ({status}): {reason}")
+        return found
+
+    def _missing_message(self, video_id: str) -> str:
+        for part in self.partitions:
+            if any(planned == video_id for planned, _ in part.videos):
+                return f"video {video_id!r} is planned in partition {part.name}, not complete yet"
+        close = difflib.get_close_matches(str(video_id), list(self._lookup()), n=3)
+        hint = f"; similar ids: {', '.join(close)}" if close else ""
+        return f"video {video_id!r} is not in the store {self.path} ({len(self)} videos){hint}"
+
+    # ----------------------------------------------------------------------------------------
+    # Reading
+
+    @staticmethod
+    def _layers(layers: Iterable[str] | None) -> tuple[str, ...]:
+        if layers is None:
+            return LAYERS
+        chosen = tuple(layers)
+        unknown = [layer for layer in chosen if layer not in LAYERS]
+        if unknown:
+            raise StoreError(f"unknown layer(s) {unknown}; the store holds {LAYERS}")
+        return chosen
+
+    def __getitem__(self, video_id: str) -> VideoFeatures:
+        return self.get(video_id)
+
+    def get(self, video_id: str, layers: Iterable[str] | None = None) -> VideoFeatures:
+        """One video's features (only ``layers``, default all) and info; O(1) by id."""
+        return self.read_batch([video_id], layers)[0]
+
+    def read_batch(
+        self, ids: Sequence[str], layers: Iterable[str] | None = None
+    ) -> list[VideoFeatures]:
+        """Several videos at once, in the order of ``ids``, reading each needed chunk once."""
+        chosen = self._layers(layers)
+        located = [self._locate(video_id) for video_id in ids]
+        by_partition: dict[str, list[int]] = defaultdict(list)  # partition -> positions in ids
+        for position, (part, _) in enumerate(located):
+            by_partition[part.name].append(position)
+        arrays: list[dict[str, np.ndarray]] = [{} for _ in ids]
+        for positions in by_partition.values():
+            part = located[positions[0]][0]
+            rows = [located[p][1] for p in positions]
+            for layer in chosen:
+                for position, data in zip(positions, part.read_layer(layer, rows), strict=True):
+                    arrays[position][layer] = data
+        return [
+            VideoFeatures(video_id, arrays[k], part.info(row))
+            for k, (video_id, (part, row)) in enumerate(zip(ids, located, strict=True))
+        ]
+
+    def items(
+        self, layers: Iterable[str] | None = None, batch_size: int = 16
+    ) -> Iterator[tuple[str, VideoFeatures]]:
+        """Every ok video in storage order, read ``batch_size`` at a time."""
+        ids = self.ids
+        for start in range(0, len(ids), batch_size):
+            for video in self.read_batch(ids[start : start + batch_size], layers):
+                yield video.id, video
+
+    # ----------------------------------------------------------------------------------------
+    # Checking
+
+    def verify(self) -> list[str]:
+        """Problems found by reading everything back (empty = the store is sound).
+
+        Leftovers of unfinished work (staging, locks, pending partitions) are not problems;
+        :meth:`verify_report` lists them as warnings.
+        """
+        report = self.verify_report()
+        for warning in report.warnings:
+            log.warning("%s", warning)
+        return report.problems
+
+    def verify_report(self) -> VerifyReport:
+        """Problems and warnings, see :func:`~astar.store.report.verify_store`."""
+        return verify_store(self)

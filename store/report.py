@@ -1,0 +1,311 @@
+"""Checking and summarising a store: what ``inspect-store`` prints.
+
+``verify_store`` reads every stored byte back. It separates *problems* (the store is wrong:
+unreadable or missing chunks, checksums or lengths that disagree with the manifest, NaN/inf)
+from *warnings* (work left unfinished: staged videos, locks, partitions not complete yet), which
+a rerun of the extraction resolves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from astar.store.errors import StoreError
+from astar.store.files import TEMP_PREFIX, read_owner
+from astar.store.manifest import MISSING, OK, parse_timestamps, read_manifest
+from astar.store.partition import PartitionReader
+from astar.store.plan import PartitionPlan
+from astar.store.schema import LAYERS, StoreSchema, time_axis
+from astar.store.writer import checksum
+
+if TYPE_CHECKING:
+    from astar.store.featurestore import FeatureStore
+
+VERIFY_BATCH = 16  # videos read per call while verifying (consecutive, so chunks are shared)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify_store`."""
+
+    problems: list[str] = field(default_factory=list)  # the store is inconsistent or corrupt
+    warnings: list[str] = field(default_factory=list)  # unfinished work a rerun completes
+    videos_checked: int = 0  # ok videos whose every layer was read and checked
+
+
+def verify_store(store: FeatureStore) -> VerifyReport:
+    """Read every complete partition back and compare it with its manifest and the schema."""
+    report = VerifyReport()
+    try:
+        planned = {part.name: part for part in store.partitions}
+    except StoreError as error:
+        report.problems.append(str(error))
+        planned = {}
+    owners: dict[str, str] = {}  # video id -> partition holding it
+    folder = store.path / "partitions"
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not entry.is_dir():
+            continue
+        if not (entry / "manifest.csv").is_file():
+            report.problems.append(
+                f"partitions/{entry.name}: no manifest.csv, so not a complete partition; "
+                "remove the directory and rerun the extraction"
+            )
+            continue
+        try:
+            part = PartitionReader(entry)
+        except StoreError as error:
+            report.problems.append(str(error))
+            continue
+        for video_id in part.table["id"]:
+            if video_id in owners:
+                report.problems.append(
+                    f"video {video_id!r} is in partitions {owners[video_id]} and {part.name}"
+                )
+            owners[video_id] = part.name
+        _check_partition(store.schema, part, planned.get(part.name), report)
+    _check_leftovers(store, planned, report)
+    return report
+
+
+def _check_partition(
+    schema: StoreSchema, part: PartitionReader, plan: PartitionPlan | None, report: VerifyReport
+) -> None:
+    where = f"partitions/{part.name}"
+    table = part.table
+    if plan is None:
+        report.problems.append(f"{where}: not in plan.json")
+    elif list(zip(table["id"], table["source"], strict=True)) != plan.videos:
+        report.problems.append(f"{where}: its videos differ from the plan's (ids, sources, order)")
+    if not table["id"].is_unique:
+        report.problems.append(f"{where}: duplicate ids in its manifest")
+    ok = (table["status"] == OK).to_numpy()  # (videos,)
+    structure = _check_lengths(schema, table, ok, where)
+    structure += _check_arrays(schema, part, table, ok, where)
+    report.problems += structure
+    if structure:
+        return  # reading data laid out differently than described would only add noise
+    _check_values(part, table, ok, where, report)
+
+
+def _check_lengths(
+    schema: StoreSchema, table: pd.DataFrame, ok: np.ndarray, where: str
+) -> list[str]:
+    """Lengths agree with n_frames; offsets are the running sums of lengths; failures empty."""
+    problems = []
+    for row in np.flatnonzero(ok):
+        record = table.iloc[row]
+        expected = schema.expected_lengths(int(record["n_frames"]))
+        wrong = {
+            layer: int(record[f"{layer}_length"])
+            for layer in LAYERS
+            if record[f"{layer}_length"] != expected[layer]
+        }
+        if wrong:
+            problems.append(
+                f"{where}, video {record['id']!r}: lengths {wrong} disagree with "
+                f"n_frames={record['n_frames']} (expected {expected})"
+            )
+        stamps = parse_timestamps(record["timestamps"])
+        if len(stamps) != record["timestamps_length"]:
+            problems.append(f"{where}, video {record['id']!r}: timestamps length mismatch")
+    for name in ("timestamps", *LAYERS):
+        lengths = table[f"{name}_length"].to_numpy(np.int64)[ok]  # (ok videos,)
+        offsets = table[f"{name}_offset"].to_numpy(np.int64)[ok]  # (ok videos,)
+        if not np.array_equal(offsets, np.cumsum(lengths) - lengths):
+            problems.append(f"{where}: {name} offsets are not contiguous in storage order")
+        failed_spans = table.loc[~ok, [f"{name}_offset", f"{name}_length"]].to_numpy()
+        if (failed_spans != [MISSING, 0]).any():
+            problems.append(f"{where}: failed videos with {name} data")
+    return problems
+
+
+def _check_arrays(
+    schema: StoreSchema, part: PartitionReader, table: pd.DataFrame, ok: np.ndarray, where: str
+) -> list[str]:
+    """Each array has the shape, dtype and every chunk file the manifest implies."""
+    problems = []
+    for name in ("timestamps", *LAYERS):
+        total = int(table[f"{name}_length"].to_numpy(np.int64)[ok].sum())
+        if name == "timestamps":
+            shape, dtype, axis = (total,), np.dtype("float64"), 0
+        else:
+            shape, dtype, axis = (
+                schema.full_shape(name, total),
+                np.dtype(schema.dtype),
+                time_axis(name),
+            )
+        try:
+            array = part.array(name)
+        except Exception as error:  # any zarr or JSON error means the same: unreadable
+            problems.append(f"{where}/{name}: cannot open ({type(error).__name__}: {error})")
+            continue
+        if array.shape != shape or array.dtype != dtype:
+            problems.append(
+                f"{where}/{name}: {array.dtype} {array.shape}, manifest and schema say "
+                f"{dtype} {shape}"
+            )
+            continue
+        expected = math.ceil(total / array.chunks[axis]) if total else 0
+        found = sum(1 for f in (part.path / name).iterdir() if f.name.startswith("c."))
+        if found != expected:
+            problems.append(f"{where}/{name}: {found} chunk files, {expected} expected")
+    return problems
+
+
+def _check_values(
+    part: PartitionReader, table: pd.DataFrame, ok: np.ndarray, where: str, report: VerifyReport
+) -> None:
+    """Every ok video's data: readable, finite, matching its checksum; timestamps as listed."""
+    rows = np.flatnonzero(ok).tolist()
+    ids = table["id"].to_numpy()
+    bad: set[int] = set()
+    for layer in LAYERS:
+        for start in range(0, len(rows), VERIFY_BATCH):
+            batch = rows[start : start + VERIFY_BATCH]
+            for row, data, error in _read_rows(part, layer, batch):
+                if error is not None:
+                    report.problems.append(
+                        f"{where}, video {ids[row]!r}, {layer}: unreadable ({error})"
+                    )
+                elif not np.isfinite(data).all():
+                    report.problems.append(
+                        f"{where}, video {ids[row]!r}, {layer}: NaN or inf values"
+                    )
+                elif checksum(data) != table[f"{layer}_sha256"].iat[row]:
+                    report.problems.append(
+                        f"{where}, video {ids[row]!r}, {layer}: checksum mismatch"
+                    )
+                else:
+                    continue
+                bad.add(row)
+    try:
+        stamps = part.array("timestamps")[:]  # (frames_total,)
+    except Exception as error:  # any codec error: report, do not stop verifying
+        report.problems.append(f"{where}/timestamps: unreadable ({type(error).__name__}: {error})")
+    else:
+        for row in rows:
+            start = int(table["timestamps_offset"].iat[row])
+            stored = stamps[start : start + int(table["timestamps_length"].iat[row])]
+            if not np.array_equal(stored, parse_timestamps(table["timestamps"].iat[row])):
+                report.problems.append(f"{where}, video {ids[row]!r}: timestamps differ")
+                bad.add(row)
+    report.videos_checked += len(rows) - len(bad)
+
+
+def _read_rows(part: PartitionReader, layer: str, rows: list[int]):
+    """(row, data, None) per row, or (row, None, error) for the rows that cannot be read.
+
+    A batch is read at once; if that fails (a corrupt chunk), its rows are read one by one to
+    name exactly the videos affected.
+    """
+    try:
+        batch = part.read_layer(layer, rows)
+    except Exception:  # any codec error: fall back to single rows below, which report it
+        batch = None
+    if batch is not None:
+        yield from ((row, data, None) for row, data in zip(rows, batch, strict=True))
+        return
+    for row in rows:
+        try:
+            data = part.read_layer(layer, [row])[0]
+        except Exception as error:  # the codec's own exception type varies; report it
+            yield row, None, f"{type(error).__name__}: {error}"
+        else:
+            yield row, data, None
+
+
+def _check_leftovers(
+    store: FeatureStore, planned: dict[str, PartitionPlan], report: VerifyReport
+) -> None:
+    pending = [name for name in planned if not store.is_complete(name)]
+    if pending:
+        shown = ", ".join(pending[:5]) + (" ..." if len(pending) > 5 else "")
+        report.warnings.append(
+            f"{len(pending)} planned partition(s) not complete ({shown}); rerun the extraction"
+        )
+    staging = store.path / "staging"
+    for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
+        staged = sum(1 for f in entry.glob("v*.npz")) if entry.is_dir() else 0
+        report.warnings.append(
+            f"staging/{entry.name}: {staged} staged video(s) of an unfinished partition"
+        )
+    locks = store.path / "locks"
+    for entry in sorted(locks.iterdir()) if locks.is_dir() else []:
+        if entry.name.startswith(TEMP_PREFIX):
+            report.warnings.append(f"locks/{entry.name}: temporary left by a killed writer")
+            continue
+        try:
+            owner = read_owner(entry)
+        except StoreError as error:
+            report.warnings.append(str(error))
+            continue
+        state = {True: "alive", False: "dead, stale", None: "on another host"}[owner.alive()]
+        report.warnings.append(f"locks/{entry.name}: held by {owner.describe()} ({state})")
+    consolidated = store.path / "manifest.csv"
+    if consolidated.is_file():
+        try:
+            listed = read_manifest(consolidated)["id"].tolist()
+        except StoreError:
+            listed = None
+        if listed != store.manifest["id"].tolist():
+            report.warnings.append(
+                "manifest.csv is stale or unreadable; FeatureStore.consolidate() rewrites it"
+            )
+    elif any(store.is_complete(name) for name in planned):
+        report.warnings.append("no manifest.csv; FeatureStore.consolidate() writes it")
+
+
+def _disk_usage(root: Path) -> tuple[int, int]:
+    """(bytes, files) under ``root``."""
+    size = files = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            size += os.path.getsize(os.path.join(directory, name))
+            files += 1
+    return size, files
+
+
+def summarize_store(store: FeatureStore) -> dict[str, Any]:
+    """What the store holds, as JSON-ready data: schema, counts, sizes, progress."""
+    manifest = store.manifest
+    statuses = Counter(manifest["status"]) if len(manifest) else Counter()
+    ok_rows = manifest[manifest["status"] == OK] if len(manifest) else manifest
+    partitions = store.partitions
+    complete = [part for part in partitions if store.is_complete(part.name)]
+    size, files = _disk_usage(store.path)
+    return {
+        "path": str(store.path),
+        "schema": store.schema.to_dict(),
+        "videos": {
+            "planned": sum(len(part.videos) for part in partitions),
+            "ok": statuses.pop(OK, 0),
+            "failed": dict(sorted(statuses.items())),
+            "pending": sum(len(p.videos) for p in partitions) - len(manifest),
+        },
+        "frames": int(ok_rows["n_frames"].sum()) if len(ok_rows) else 0,
+        "partitions": {
+            "planned": len(partitions),
+            "complete": len(complete),
+            "pending": len(partitions) - len(complete),
+        },
+        "bytes": size,
+        "files": files,
+    }
+
+
+def failures_table(store: FeatureStore) -> pd.DataFrame:
+    """The failed videos: id, status (the failure kind), reason, source, partition."""
+    manifest = store.manifest
+    if not len(manifest):
+        return manifest.loc[:, ["id", "status", "reason", "source", "partition"]]
+    failed = manifest[manifest["status"] != OK]
+    return failed.loc[:, ["id", "status", "reason", "source", "partition"]].reset_index(drop=True)

@@ -1,0 +1,162 @@
+"""What a feature store holds and how it was made: the schema written in the root group.
+
+A consumer (training, evaluation) reads the schema to trust the features: which frame rate and
+size, which network and weights, which dtype. Two extractions with different schemas must never
+share a store, so :meth:`StoreSchema.differences` names every field that differs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from astar.store.errors import StoreError
+
+LAYERS = ("pool2", "pool3", "pool4", "pool5", "fc7")
+POOL_LAYERS = LAYERS[:4]
+# Temporal reduction of each pooled tap of C3D: pool2..pool5 each halve time (pool1 does not),
+# so pool_k keeps floor(n_frames / 2^(k-1)) steps, e.g. pool5 floor(N / 16).
+TIME_STRIDES = {"pool2": 2, "pool3": 4, "pool4": 8, "pool5": 16}
+FORMAT_VERSION = 1
+STORE_KIND = "astar.feature_store"  # marks a zarr group as one of ours
+DTYPES = ("float16", "float32")
+# Packages whose versions are recorded; distribution names as pip knows them.
+VERSIONED_PACKAGES = ("astar-captioning", "torch", "decord", "zarr", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape the features (``unknown`` when absent)."""
+    found = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def time_axis(layer: str) -> int:
+    """Axis of time in a video's array: (C, T, H, W) for pool layers, (clips, D) for fc7."""
+    return 1 if layer in TIME_STRIDES else 0
+
+
+def n_clips(n_frames: int, clip_length: int, clip_stride: int) -> int:
+    """Number of fc7 clips of ``clip_length`` frames every ``clip_stride`` frames.
+
+    Clips start at 0, stride, 2 stride, ... and one more clip is added, if needed, so that the
+    last one ends at the last frame: ``ceil((n - length) / stride) + 1`` clips for
+    ``n >= length``, none for a shorter video (it cannot fill one clip).
+    """
+    if n_frames < clip_length:
+        return 0
+    return -(-(n_frames - clip_length) // clip_stride) + 1
+
+
+@dataclass(frozen=True)
+class StoreSchema:
+    """How the features of a store were made, stored as the root group's attributes."""
+
+    fps: float  # frames sampled per second of video
+    size: int  # frames resized to size x size
+    min_frames: int  # shorter videos padded to this many frames
+    max_frames: int | None  # longer videos uniformly subsampled to this many; None = no cap
+    backbone: str  # network, e.g. "c3d" or "c3d-small"
+    weights: str  # "sha256:<hex>" of the weights file, or "random(seed=S)"
+    preprocessing: str  # pixel pipeline fed to the network, e.g. "caffe-bgr-mean"
+    clip_length: int  # frames per fc7 clip (16)
+    clip_stride: int  # frames between fc7 clip starts (8)
+    layer_shapes: dict[str, tuple[int, ...]]  # per layer, the shape without time
+    dtype: str = "float16"  # storage dtype of the features: float16 or float32
+    format_version: int = FORMAT_VERSION  # layout version of the store on disk
+    versions: dict[str, str] = field(default_factory=package_versions)  # package -> version
+
+    def __post_init__(self) -> None:
+        # Normalise shapes read back from JSON (lists) to tuples so equality is by value.
+        shapes = {name: tuple(int(d) for d in dims) for name, dims in self.layer_shapes.items()}
+        object.__setattr__(self, "layer_shapes", shapes)
+        problems = self._problems()
+        if problems:
+            raise StoreError("invalid store schema: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        problems = []
+        if set(self.layer_shapes) != set(LAYERS):
+            found = list(self.layer_shapes)
+            problems.append(f"layer_shapes must have exactly {LAYERS}, got {found}")
+        for name, dims in self.layer_shapes.items():
+            wanted = 3 if name in TIME_STRIDES else 1
+            if len(dims) != wanted or min(dims, default=0) < 1:
+                problems.append(f"{name} shape {dims} must be {wanted} positive sizes (no time)")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            problems.append(f"fps must be positive, got {self.fps}")
+        if self.clip_length < 1 or self.clip_stride < 1:
+            clips = f"{self.clip_length}/{self.clip_stride}"
+            problems.append(f"clip length and stride must be >= 1, got {clips}")
+        return problems
+
+    def full_shape(self, layer: str, length: int) -> tuple[int, ...]:
+        """Shape of ``length`` time steps (or clips) of ``layer``: (C, T, H, W) or (clips, D)."""
+        dims = self.layer_shapes[layer]
+        axis = time_axis(layer)
+        return (*dims[:axis], length, *dims[axis:])
+
+    def expected_lengths(self, n_frames: int) -> dict[str, int]:
+        """Time steps per pool layer and clips of fc7 for a video of ``n_frames`` frames."""
+        lengths = {name: n_frames // stride for name, stride in TIME_STRIDES.items()}
+        lengths["fc7"] = n_clips(n_frames, self.clip_length, self.clip_stride)
+        return lengths
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready attributes (shapes as lists), tagged with ``kind`` to recognise the store."""
+        attributes = asdict(self)
+        attributes["layer_shapes"] = {k: list(v) for k, v in self.layer_shapes.items()}
+        return {"kind": STORE_KIND, **attributes}
+
+    @classmethod
+    def from_dict(cls, attributes: dict[str, Any]) -> StoreSchema:
+        """Rebuild a schema from :meth:`to_dict`; refuse other kinds and newer format versions."""
+        if attributes.get("kind") != STORE_KIND:
+            kind = attributes.get("kind")
+            raise StoreError(f"not an astar feature store (attribute kind={kind!r})")
+        found = attributes.get("format_version")
+        if not isinstance(found, int) or found > FORMAT_VERSION:
+            raise StoreError(
+                f"store format version {found!r} is not supported (this astar reads up to "
+                f"{FORMAT_VERSION}); upgrade astar"
+            )
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in attributes and name != "versions"]
+        if missing:
+            raise StoreError(f"store schema lacks {', '.join(missing)}")
+        values = {name: attributes[name] for name in names if name in attributes}
+        values.setdefault("versions", {})  # unknown, rather than this machine's
+        return cls(**values)
+
+    def differences(self, other: StoreSchema) -> list[str]:
+        """Fields that differ, as ``name: <self> here, <other> there``; package versions ignored.
+
+        Versions differ after any upgrade without changing what the features mean, so they are
+        recorded but never block reuse of a store.
+        """
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} in the store, {getattr(other, f.name)!r} asked"
+            for f in fields(self)
+            if f.name != "versions" and getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "LAYERS",
+    "POOL_LAYERS",
+    "TIME_STRIDES",
+    "StoreSchema",
+    "n_clips",
+    "package_versions",
+    "time_axis",
+]

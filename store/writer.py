@@ -1,0 +1,429 @@
+"""Writing one partition: stage every finished video, then commit the partition whole.
+
+Life of a partition ``p`` in ``STORE``:
+
+1. ``locks/p.lock`` is taken (see :class:`~astar.store.files.FileLock`), so exactly one process
+   writes ``p``: no two writers can ever touch the same chunk.
+2. Each finished video, ok or failed, is staged at once as ``staging/p/v<k>.npz`` (``k`` its
+   place in the plan; ids may hold characters unfit for file names), written to a temporary and
+   renamed. A killed run loses only the videos in flight; the next run reuses what is staged.
+3. ``commit()`` concatenates the staged videos into a zarr group built in ``staging/p/.commit``,
+   fsyncs it, writes its ``manifest.csv`` last, and renames the directory to ``partitions/p``.
+   Readers count a partition only when that directory holds its manifest, so a half-built one is
+   never visible; a commit killed midway leaves only ``staging/p/.commit``, rebuilt next time.
+4. The staging directory is deleted, then the lock released.
+
+Staging files are uncompressed (``np.savez``): they are short-lived and writing them must not
+slow the extractor down; compression happens once, at commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import threading
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import ZstdCodec
+
+from astar.store.errors import InvalidFeatures, StoreError
+from astar.store.files import TEMP_PREFIX, FileLock, atomic_write, fsync_dir, fsync_tree
+from astar.store.manifest import INFO_KEYS, MISSING, OK, write_manifest
+from astar.store.plan import PartitionPlan, normalize_source
+from astar.store.schema import LAYERS, StoreSchema, time_axis
+
+if TYPE_CHECKING:
+    from astar.store.featurestore import FeatureStore
+
+log = logging.getLogger(__name__)
+
+# About 1 MiB per chunk: large enough that file count follows bytes stored (and that object
+# stores and network filesystems see few, large files), small enough that reading one video of a
+# partition decodes little beyond its own time range.
+TARGET_CHUNK_BYTES = 1 << 20
+# zstd level 1: measured on ReLU-like fp16 features (half zeros), it compresses as well as the
+# default level 3 (ratio 1.69 vs 1.70) and writes 2-3x faster (about 105-130 vs 45-60 MB/s per
+# core); blosc-lz4 was faster but compressed only 1.09x, and no compression doubles the bytes.
+COMPRESSORS = (ZstdCodec(level=1),)
+CHUNKS_PER_WRITE = 16  # chunks encoded per zarr write call at commit (bounded memory)
+COMMIT_DIR = ".commit"  # under staging/<partition>/: the partition being built
+DIMENSION_NAMES = {"pool": ("channel", "time", "height", "width"), "fc7": ("clip", "feature")}
+
+
+def chunk_length(schema: StoreSchema, layer: str, total: int) -> int:
+    """Time steps per chunk of ``layer``: about TARGET_CHUNK_BYTES, never beyond the array.
+
+    Capped at the array's length because zarr stores edge chunks at full size.
+    """
+    step_bytes = math.prod(schema.layer_shapes[layer]) * np.dtype(schema.dtype).itemsize
+    return max(1, min(math.ceil(TARGET_CHUNK_BYTES / step_bytes), total))
+
+
+def checksum(array: np.ndarray) -> str:
+    """sha256 of an array's values as little-endian bytes (about 1.4 GB/s)."""
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return hashlib.sha256(little.data).hexdigest()
+
+
+def staged_name(index: int) -> str:
+    return f"v{index:05d}.npz"
+
+
+class PartitionWriter:
+    """Writes one partition of a store; get it from :meth:`FeatureStore.partition_writer`.
+
+    Use it as a context manager, which holds the partition's lock::
+
+        with store.partition_writer("p00003") as writer:
+            for video_id, source in plan.videos:
+                if video_id not in writer.done_ids:
+                    writer.add(video_id, source, features, info)  # or add_failure(...)
+            writer.commit()
+
+    ``add`` and ``add_failure`` may be called from another thread than the one that entered.
+    If the partition is already complete (another process committed it first), ``done_ids``
+    holds all its videos and ``commit`` does nothing.
+    """
+
+    def __init__(self, store: FeatureStore, plan: PartitionPlan):
+        self.plan = plan
+        self.name = plan.name
+        self.done_ids: set[str] = set()  # videos staged (ok or failed) or already committed
+        self.complete = False  # the partition is committed
+        self._store = store
+        self._schema = store.schema
+        self._positions = {video_id: k for k, (video_id, _) in enumerate(plan.videos)}
+        self._staging = store.path / "staging" / plan.name
+        self._lock = FileLock(store.path / "locks" / f"{plan.name}.lock")
+        self._mutex = threading.Lock()  # guards done_ids against a staging thread
+
+    # ----------------------------------------------------------------------------------------
+    # Lock and resume
+
+    def __enter__(self) -> PartitionWriter:
+        self._lock.acquire()
+        try:
+            self._resume()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Staged videos stay on disk whatever happened: they are what a rerun resumes from.
+        self._lock.release()
+
+    def _resume(self) -> None:
+        if self._store.is_complete(self.name):
+            self.complete = True
+            self.done_ids = set(self._positions)
+            if self._staging.exists():  # a commit killed after its rename, before its cleanup
+                shutil.rmtree(self._staging)
+            return
+        self._staging.mkdir(parents=True, exist_ok=True)
+        # We hold the lock, so temporaries and a half-built commit are a dead writer's leftovers.
+        if (self._staging / COMMIT_DIR).exists():
+            shutil.rmtree(self._staging / COMMIT_DIR)
+        for leftover in self._staging.glob(f"{TEMP_PREFIX}*"):
+            leftover.unlink()
+        for video_id, _ in self.plan.videos:
+            path = self._staged_path(video_id)
+            if path.exists() and self._staged_record(path, video_id) is not None:
+                self.done_ids.add(video_id)
+
+    def _staged_path(self, video_id: str) -> Path:
+        return self._staging / staged_name(self._positions[video_id])
+
+    def _staged_record(self, path: Path, video_id: str) -> dict[str, Any] | None:
+        """The record of a staged video, or None (file removed) when it is unreadable."""
+        try:
+            with np.load(path) as staged:
+                record = json.loads(str(staged["record"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            log.warning(
+                "%s: unreadable staged video %s (%s); it will be redone", path, video_id, error
+            )
+            path.unlink()
+            return None
+        if record.get("id") != video_id:
+            raise StoreError(
+                f"{path}: staged for video {record.get('id')!r}, but the plan puts {video_id!r} "
+                "there; the staging directory does not belong to this plan"
+            )
+        return record
+
+    # ----------------------------------------------------------------------------------------
+    # Staging
+
+    def _check_video(self, video_id: str, source: str) -> None:
+        if self._lock.owner is None:
+            raise StoreError(
+                f"partition {self.name}: use `with store.partition_writer(name) as writer:` "
+                "(the writer must hold the partition lock)"
+            )
+        if self.complete:
+            raise StoreError(f"partition {self.name} is already committed; nothing can be added")
+        if video_id not in self._positions:
+            raise StoreError(f"video {video_id!r} is not planned in partition {self.name}")
+        planned = self.plan.videos[self._positions[video_id]][1]
+        if normalize_source(str(source)) != planned:
+            raise StoreError(f"video {video_id!r}: source {source} differs from planned {planned}")
+
+    def add(
+        self,
+        video_id: str,
+        source: str,
+        features: Mapping[str, np.ndarray],
+        info: Mapping[str, Any],
+    ) -> None:
+        """Stage an extracted video: every layer of the schema and its info (see INFO_KEYS).
+
+        ``features[layer]``: (C, T, H, W) for pool layers, (clips, D) for fc7, float16/32, with
+        ``T`` and ``clips`` as :meth:`StoreSchema.expected_lengths` gives for ``n_frames``.
+        Converted to the store's dtype; values that become non-finite (fp16 overflow) are
+        refused rather than stored.
+        """
+        self._check_video(video_id, source)
+        record = self._info_record(video_id, info, failed=False)
+        arrays = self._checked_features(video_id, features, record["n_frames"])
+        record.update(id=video_id, source=self.plan.videos[self._positions[video_id]][1])
+        record.update(status=OK, reason="")
+        for layer, array in arrays.items():
+            record[f"{layer}_length"] = array.shape[time_axis(layer)]
+            record[f"{layer}_sha256"] = checksum(array)
+        self._stage(video_id, record, arrays)
+
+    def add_failure(
+        self,
+        video_id: str,
+        source: str,
+        kind: str,
+        reason: str,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Stage a failed video: ``kind`` (e.g. ``corrupt``) and a human-readable ``reason``.
+
+        ``info`` may carry whatever was learnt before the failure (duration, source_fps...).
+        """
+        self._check_video(video_id, source)
+        if not kind or kind == OK or not kind.replace("_", "").isalnum():
+            raise StoreError(f"video {video_id!r}: failure kind {kind!r} must be a word, not 'ok'")
+        record = self._info_record(video_id, info or {}, failed=True)
+        record.update(id=video_id, source=self.plan.videos[self._positions[video_id]][1])
+        record.update(status=kind, reason=str(reason))
+        for layer in LAYERS:
+            record[f"{layer}_length"] = 0
+            record[f"{layer}_sha256"] = ""
+        self._stage(video_id, record, {})
+
+    def _stage(self, video_id: str, record: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        text = np.array(json.dumps(record))  # a unicode scalar: loads without pickle
+        atomic_write(self._staged_path(video_id), lambda h: np.savez(h, record=text, **arrays))
+        with self._mutex:
+            self.done_ids.add(video_id)
+
+    def _info_record(self, video_id: str, info: Mapping[str, Any], failed: bool) -> dict[str, Any]:
+        """Validated manifest fields from ``info``; a failure may omit any of them."""
+        unknown = sorted(set(info) - set(INFO_KEYS))
+        missing = [] if failed else [key for key in INFO_KEYS if key not in info]
+        if unknown or missing:
+            raise InvalidFeatures(
+                f"video {video_id!r}: info keys missing {missing}, unknown {unknown} "
+                f"(expected {list(INFO_KEYS)})"
+            )
+
+        def number(key: str, default: float = math.nan) -> float:
+            value = info.get(key)
+            return default if value is None else float(value)
+
+        timestamps = np.asarray(info.get("timestamps", ()), dtype=np.float64)  # (frames,)
+        record = {
+            "n_frames": int(info.get("n_frames", 0)),
+            "n_sampled": int(info.get("n_sampled", 0)),
+            "padded": bool(info.get("padded", False)),
+            "subsampled": bool(info.get("subsampled", False)),
+            "duration": number("duration"),
+            # None means "the schema's rate" (nothing was subsampled).
+            "fps": number("fps", self._schema.fps) if not failed else number("fps"),
+            "source_fps": number("source_fps"),
+            "timestamps": timestamps.tolist(),
+            "timestamps_length": len(timestamps),
+        }
+        if timestamps.ndim != 1 or not np.isfinite(timestamps).all():
+            raise InvalidFeatures(f"video {video_id!r}: timestamps must be finite and 1-D")
+        if not failed and (record["n_frames"] < 1 or len(timestamps) == 0):
+            raise InvalidFeatures(
+                f"video {video_id!r}: an extracted video needs n_frames >= 1 and timestamps, "
+                f"got n_frames={record['n_frames']} and {len(timestamps)} timestamps"
+            )
+        return record
+
+    def _checked_features(
+        self, video_id: str, features: Mapping[str, np.ndarray], n_frames: int
+    ) -> dict[str, np.ndarray]:
+        """Every layer in the storage dtype, after checking names, shapes and values."""
+        if set(features) != set(LAYERS):
+            raise InvalidFeatures(
+                f"video {video_id!r}: features must have exactly the layers {LAYERS}, "
+                f"got {sorted(features)}"
+            )
+        lengths = self._schema.expected_lengths(n_frames)
+        arrays = {}
+        for layer in LAYERS:
+            array = np.asarray(features[layer])
+            wanted = self._schema.full_shape(layer, lengths[layer])
+            if array.shape != wanted or array.dtype.kind != "f":
+                raise InvalidFeatures(
+                    f"video {video_id!r}, {layer}: got {array.dtype} {array.shape}, expected "
+                    f"a float array of shape {wanted} for n_frames={n_frames}"
+                )
+            with np.errstate(over="ignore"):  # overflow is reported just below, with a hint
+                stored = array.astype(self._schema.dtype, copy=False)
+            if not np.isfinite(stored).all():
+                hint = " (fp16 overflow? use dtype float32)" if np.isfinite(array).all() else ""
+                raise InvalidFeatures(f"video {video_id!r}, {layer}: non-finite values{hint}")
+            arrays[layer] = stored
+        return arrays
+
+    # ----------------------------------------------------------------------------------------
+    # Commit
+
+    def commit(self) -> None:
+        """Build the partition from the staged videos and publish it atomically.
+
+        Every planned video must be staged (ok or failed); the missing ones are listed.
+        """
+        if self.complete:
+            return
+        if self._lock.owner is None:
+            raise StoreError(f"partition {self.name}: commit needs the writer's `with` block")
+        missing = [video_id for video_id, _ in self.plan.videos if video_id not in self.done_ids]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise StoreError(
+                f"partition {self.name}: {len(missing)} video(s) not staged yet: {shown}"
+            )
+        records = [self._staged_record(self._staged_path(v), v) for v, _ in self.plan.videos]
+        lost = [v for (v, _), record in zip(self.plan.videos, records, strict=True) if not record]
+        if lost:
+            self.done_ids.difference_update(lost)
+            raise StoreError(
+                f"partition {self.name}: staged files of {lost} were unreadable and "
+                "are removed; rerun the extraction to redo them"
+            )
+        table = self._table(records)
+        build = self._staging / COMMIT_DIR
+        if build.exists():
+            shutil.rmtree(build)
+        group = zarr.open_group(build, mode="w-", attributes={"partition": self.name})
+        for layer in LAYERS:
+            self._write_layer(group, layer, table)
+        self._write_timestamps(group, table)
+        fsync_tree(build)
+        write_manifest(build / "manifest.csv", table)  # last: it makes the partition complete
+        final = self._store.path / "partitions" / self.name
+        if final.exists():
+            raise StoreError(f"{final} exists but is not a complete partition; remove it and rerun")
+        build.rename(final)
+        fsync_dir(final.parent)
+        shutil.rmtree(self._staging)
+        self.complete = True
+        self._store.refresh()
+
+    def _table(self, records: list[dict[str, Any]]) -> pd.DataFrame:
+        """Manifest rows with each video's offsets in the concatenated arrays."""
+        table = pd.DataFrame.from_records(records)
+        table["partition"] = self.name
+        for name in ("timestamps", *LAYERS):
+            lengths = table[f"{name}_length"].to_numpy(dtype=np.int64)  # (videos,)
+            offsets = np.cumsum(lengths) - lengths  # (videos,)
+            ok = (table["status"] == OK).to_numpy()
+            table[f"{name}_offset"] = np.where(ok, offsets, MISSING)
+        return table
+
+    def _pieces(self, table: pd.DataFrame, layer: str) -> Iterator[np.ndarray]:
+        for video_id in table.loc[table["status"] == OK, "id"]:
+            with np.load(self._staged_path(video_id)) as staged:
+                yield staged[layer]
+
+    def _write_layer(self, group: zarr.Group, layer: str, table: pd.DataFrame) -> None:
+        total = int(table[f"{layer}_length"].sum())
+        length = chunk_length(self._schema, layer, total)
+        shape = self._schema.full_shape(layer, total)
+        chunks = self._schema.full_shape(layer, length)
+        names = DIMENSION_NAMES["fc7" if layer == "fc7" else "pool"]
+        array = _new_array(group, layer, shape, chunks, self._schema.dtype, names)
+        pieces = self._pieces(table, layer)
+        _write_along(array, pieces, time_axis(layer), length * CHUNKS_PER_WRITE, length)
+
+    def _write_timestamps(self, group: zarr.Group, table: pd.DataFrame) -> None:
+        ok = table["status"] == OK
+        stamps = [np.asarray(t, dtype=np.float64) for t in table.loc[ok, "timestamps"]]
+        total = sum(len(t) for t in stamps)
+        chunk = max(1, min(TARGET_CHUNK_BYTES // 8, total))
+        array = _new_array(group, "timestamps", (total,), (chunk,), "float64", ("frame",))
+        if total:
+            array[:] = np.concatenate(stamps)  # (frames_total,)
+
+
+def _new_array(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    dimension_names: tuple[str, ...],
+) -> zarr.Array:
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=COMPRESSORS,
+        # NaN, never a feature value: a lost chunk file reads as NaN, which verify catches,
+        # instead of as plausible zeros. It also keeps zarr from skipping all-zero chunks.
+        fill_value=np.nan,
+        chunk_key_encoding={"name": "default", "separator": "."},  # flat: no folder per chunk
+        dimension_names=dimension_names,
+        config={"write_empty_chunks": True},
+    )
+
+
+def _write_along(
+    array: zarr.Array, pieces: Iterator[np.ndarray], axis: int, block: int, chunk: int
+) -> None:
+    """Append ``pieces`` along ``axis`` of ``array``, in writes aligned to whole chunks.
+
+    Every write but the last covers whole chunks, so each chunk is encoded exactly once (a
+    write straddling a chunk would make zarr read, decode and re-encode it).
+    """
+    buffered: list[np.ndarray] = []
+    count = cursor = 0
+
+    def flush(upto: int) -> None:
+        nonlocal buffered, count, cursor
+        data = np.concatenate(buffered, axis=axis)
+        head, tail = np.split(data, [upto], axis=axis)
+        where = [slice(None)] * data.ndim
+        where[axis] = slice(cursor, cursor + upto)
+        array[tuple(where)] = head
+        cursor += upto
+        buffered, count = [tail], tail.shape[axis]
+
+    # Pieces are consumed one at a time, so at most about one block is held in memory.
+    for piece in pieces:
+        buffered.append(piece)
+        count += piece.shape[axis]
+        if count >= block:
+            flush(count - count % chunk)
+    if count:
+        flush(count)
