@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from astar.extract.decode import DecodeConfig, IsolatedDecoder, VideoDecodeError
-from astar.store import FeatureStore, PartitionPlan, StoreSchema
+from astar.store import FeatureStore, InvalidFeatures, PartitionPlan, StoreSchema
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,28 @@ def _video_info(decoded) -> dict:
     }
 
 
+def _stage(writer, video_id: str, source: str, decoded, features) -> tuple[str, int]:
+    """Stage one video's outcome (runs on the staging thread); returns (status, frames).
+
+    ``decoded`` is a DecodedVideo, or the VideoDecodeError that replaced it; ``features`` the
+    C3D output, or the exception C3D raised. Features the store refuses (NaN, fp16 overflow,
+    wrong shape) become a failure of that video, not of the run.
+    """
+    if isinstance(decoded, VideoDecodeError):
+        writer.add_failure(video_id, source, decoded.kind, decoded.reason)
+        return decoded.kind, 0
+    if isinstance(features, Exception):
+        reason = f"{source}: C3D failed on {len(decoded.frames)} frames: {features}"
+        writer.add_failure(video_id, source, FEATURE_ERROR, reason)
+        return FEATURE_ERROR, 0
+    try:
+        writer.add(video_id, source, features, _video_info(decoded))
+    except InvalidFeatures as error:
+        writer.add_failure(video_id, source, FEATURE_ERROR, f"{source}: {error}")
+        return FEATURE_ERROR, 0
+    return "ok", len(decoded.frames)
+
+
 def extract_partition(
     store: FeatureStore,
     partition: PartitionPlan,
@@ -266,61 +288,51 @@ def extract_partition(
 ) -> ExtractSummary:
     """Extract the videos of one partition not yet staged, then commit the partition.
 
-    ``on_video(video_id, status)`` is called once per video of the partition (``skipped`` for
-    those already staged by an earlier, interrupted run).
+    ``on_video(video_id, status)`` is called once per video of the partition when it is staged
+    (``skipped`` for those already staged by an earlier, interrupted run).
     """
     summary = ExtractSummary()
     started = time.perf_counter()
+
+    def finish(video_id: str, future) -> None:
+        status, frames = future.result()
+        if status == "ok":
+            summary.ok += 1
+            summary.frames += frames
+        else:
+            summary.failed[status] = summary.failed.get(status, 0) + 1
+        on_video(video_id, status)
+
     with store.partition_writer(partition.name) as writer:
         todo = [(vid, src) for vid, src in partition.videos if vid not in writer.done_ids]
         for vid, _ in partition.videos:
             if vid in writer.done_ids:
                 summary.skipped += 1
                 on_video(vid, "skipped")
-        # One background thread stages results in order while C3D computes the next video.
+        # Decoding runs ahead in a child process, and one background thread stages results in
+        # order, while C3D computes in this thread.
         with (
             IsolatedDecoder(config.decode, prefetch=config.prefetch) as decoder,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage") as stager,
         ):
-            pending = []
+            pending: list = []
             for (vid, src), (_, decoded) in zip(
                 todo, decoder.imap([s for _, s in todo]), strict=True
             ):
-                if isinstance(decoded, VideoDecodeError):
-                    pending.append(
-                        stager.submit(writer.add_failure, vid, src, decoded.kind, decoded.reason)
-                    )
-                    summary.failed[decoded.kind] = summary.failed.get(decoded.kind, 0) + 1
-                    on_video(vid, decoded.kind)
-                    continue
-                try:
-                    features = extractor(decoded.frames)
-                except (RuntimeError, ValueError) as error:  # e.g. out of memory on a long video
-                    reason = f"{src}: C3D failed on {len(decoded.frames)} frames: {error}"
-                    pending.append(
-                        stager.submit(writer.add_failure, vid, src, FEATURE_ERROR, reason)
-                    )
-                    summary.failed[FEATURE_ERROR] = summary.failed.get(FEATURE_ERROR, 0) + 1
-                    on_video(vid, FEATURE_ERROR)
-                    continue
-                pending.append(stager.submit(writer.add, vid, src, features, _video_info(decoded)))
-                summary.ok += 1
-                summary.frames += len(decoded.frames)
-                on_video(vid, "ok")
-                pending = _reap(pending)
-            for future in pending:
-                future.result()
+                features = None
+                if not isinstance(decoded, VideoDecodeError):
+                    try:
+                        features = extractor(decoded.frames)
+                    except (RuntimeError, ValueError) as error:  # e.g. out of memory
+                        features = error
+                pending.append((vid, stager.submit(_stage, writer, vid, src, decoded, features)))
+                while pending and pending[0][1].done():
+                    finish(*pending.pop(0))
+            for vid, future in pending:
+                finish(vid, future)
         writer.commit()
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def _reap(futures: list) -> list:
-    """Drop finished staging jobs, raising the first error now rather than at commit."""
-    for future in futures:
-        if future.done():
-            future.result()
-    return [future for future in futures if not future.done()]
 
 
 # --------------------------------------------------------------------------------------------

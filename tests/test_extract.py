@@ -206,3 +206,35 @@ def test_dask_local_cluster_gives_the_same_store(clips: Path, tmp_path: Path):
     )
     assert result.exit_code == 0, result.output
     _assert_same_store(one, dasked)
+
+
+def test_bad_features_fail_one_video_not_the_run(clips: Path, tmp_path: Path, monkeypatch):
+    """C3D raising, or returning NaN the store refuses, is recorded per video."""
+    from astar.extract import runner
+
+    real = runner.make_extractor
+
+    class Flaky:
+        def __init__(self, config):
+            self.inner = real(config)
+            self.info, self.layer_shapes = self.inner.info, self.inner.layer_shapes
+            self.calls = 0
+
+        def __call__(self, frames):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            features = self.inner(frames)
+            if self.calls == 4:
+                features["pool3"][:] = float("nan")
+            return features
+
+    monkeypatch.setattr(runner, "make_extractor", Flaky)
+    config = runner.ExtractConfig(backbone="c3d-small")
+    summary, store = runner.extract_features([clips], tmp_path / "s", config, progress=False)
+    assert summary.ok == 4 and summary.failed == {runner.FEATURE_ERROR: 2}
+    failed = store.manifest.set_index("id").loc[["sub/v5", "v0", "v1", "v2", "v3", "v4"]]
+    reasons = failed.loc[failed["status"] == runner.FEATURE_ERROR, "reason"].tolist()
+    assert any("out of memory" in r for r in reasons)
+    assert any("pool3" in r or "NaN" in r or "finite" in r for r in reasons), reasons
+    assert store.verify() == []
