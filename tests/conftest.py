@@ -58,3 +58,68 @@ def make_video(tmp_path: Path):
 
     _make.frames = written
     return _make
+
+
+TINY_SHAPES = {
+    "pool2": (4, 28, 28),
+    "pool3": (4, 14, 14),
+    "pool4": (8, 7, 7),
+    "pool5": (8, 4, 4),
+    "fc7": (16,),
+}
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path):
+    """Factory: a prepared dataset and a matching feature store with tiny random features.
+
+    ``tiny_corpus(n_videos=6, captions=3, seed=0)`` -> (store_path, dataset_path). Features are
+    random but fixed per video; channel counts are tiny so training tests run in seconds.
+    """
+    from astar.pipelines.datasets import PrepareConfig, prepare_dataset, read_generic
+    from astar.store import FeatureStore, StoreSchema
+
+    def _make(n_videos: int = 6, captions: int = 3, seed: int = 0, splits=("train",)):
+        root = tmp_path / f"corpus{seed}"
+        root.mkdir()
+        rng = np.random.default_rng(seed)
+        words = ["red", "blue", "ball", "box", "moves", "left", "right", "up", "spins"]
+        rows = ["video_id,caption,split"]
+        for k in range(n_videos):
+            split = splits[k % len(splits)]
+            for _ in range(captions):
+                caption = " ".join(rng.choice(words, size=rng.integers(2, 6)))
+                rows.append(f"v{k},a {caption},{split}")
+        (root / "captions.csv").write_text("\n".join(rows) + "\n")
+        dataset = prepare_dataset(read_generic(root / "captions.csv"), PrepareConfig())
+        dataset.save(root / "dataset")
+
+        schema = StoreSchema(
+            fps=2.0, size=112, min_frames=16, max_frames=128, backbone="tiny",
+            weights=f"random(seed={seed})", preprocessing="unit-rgb", clip_length=16,
+            clip_stride=8, layer_shapes=TINY_SHAPES, dtype="float32",
+        )  # fmt: skip
+        store = FeatureStore.create_or_open(root / "store", schema)
+        videos = [(f"v{k}", str(root / f"v{k}.mp4")) for k in range(n_videos)]
+        for plan in store.plan(videos, partition_size=4):
+            with store.partition_writer(plan.name) as writer:
+                for vid, source in plan.videos:
+                    n_frames = 16 + 8 * (int(vid[1:]) % 3)  # 16, 24, 32: variable lengths
+                    lengths = schema.expected_lengths(n_frames)
+                    features = {
+                        name: np.abs(
+                            rng.normal(size=schema.full_shape(name, lengths[name]))
+                        ).astype(np.float32)
+                        for name in TINY_SHAPES
+                    }
+                    info = {
+                        "n_frames": n_frames, "n_sampled": n_frames, "padded": False,
+                        "subsampled": False, "duration": n_frames / 2.0, "fps": None,
+                        "source_fps": 25.0, "timestamps": np.arange(n_frames) / 2.0,
+                    }  # fmt: skip
+                    writer.add(vid, source, features, info)
+                writer.commit()
+        store.consolidate()
+        return root / "store", root / "dataset"
+
+    return _make

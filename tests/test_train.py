@@ -1,0 +1,175 @@
+"""Training: exact resume, self-describing checkpoints, refusals, the CLI, torch.distributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from astar.pipelines.datasets import Dataset
+from astar.store import FeatureStore
+from astar.train.checkpoint import load_checkpoint
+from astar.train.cli import main as train_cli
+from astar.train.loop import CaptionData, TrainConfig, Trainer, TrainingError, store_layers
+from astar.train.model import CaptionerConfig
+
+TINY_MODEL = {"hidden_dim": 16, "embed_dim": 8, "attention_dim": 8, "samples": 3}
+
+
+def _trainer(store_path: Path, dataset_path: Path, out: Path, variant: str, **train) -> Trainer:
+    store, dataset = FeatureStore.open(store_path), Dataset.load(dataset_path)
+    channels, fc_dim = store_layers(store)
+    model = CaptionerConfig(
+        vocab_size=len(dataset.vocabulary),
+        variant=variant,
+        layer_channels=channels,
+        fc_dim=fc_dim,
+        **TINY_MODEL,
+    )
+    data = CaptionData(
+        vocabulary=dataset.vocabulary.to_dict(),
+        train=dataset.encoded_captions("train"),
+        val_references={},
+        decode=dataset.vocabulary.decode,
+    )
+    config = TrainConfig(videos_per_batch=2, captions_per_video=2, **train)
+    return Trainer(store, data, model, config, out)
+
+
+@pytest.mark.parametrize("variant", ["soft", "hard"])
+def test_killed_and_resumed_run_ends_with_the_same_parameters(tiny_corpus, tmp_path, variant):
+    store, dataset = tiny_corpus()
+    settings = {"max_epochs": 2, "checkpoint_every": 2}
+    reference = _trainer(store, dataset, tmp_path / "a", variant, **settings)
+    reference.run()
+
+    crashed = _trainer(store, dataset, tmp_path / "b", variant, **settings)
+    real_step, calls = crashed.train_step, []
+
+    def dying_step(*args):
+        calls.append(1)
+        if len(calls) == 5:  # mid-epoch (6 batches per epoch), one step after a checkpoint
+            raise KeyboardInterrupt("killed")
+        return real_step(*args)
+
+    crashed.train_step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        crashed.run()
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["state"]["step"] == 4
+
+    resumed = _trainer(store, dataset, tmp_path / "b", variant, **settings)
+    resumed.resume(tmp_path / "b" / "last.pt")
+    state = resumed.run()
+    assert state.step == reference.state.step == 12
+    for (name, expected), actual in zip(
+        reference.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
+    # And the parameters did move: the comparison is not between two untouched models.
+    untouched = _trainer(store, dataset, tmp_path / "c", variant, **settings)
+    assert not torch.equal(untouched.model.output.weight, resumed.model.output.weight)
+
+
+def test_checkpoint_is_self_describing_and_mismatches_are_refused(tiny_corpus, tmp_path):
+    store, dataset = tiny_corpus(seed=0)
+    trainer = _trainer(store, dataset, tmp_path / "run", "pool4", max_epochs=1)
+    trainer.run()
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert CaptionerConfig.from_dict(payload["model_config"]) == trainer.model_config
+    assert payload["vocabulary"] == Dataset.load(dataset).vocabulary.to_dict()
+    assert payload["store_schema"]["weights"] == "random(seed=0)"
+    assert {"optimizer", "random", "state", "model"} <= set(payload)
+
+    other_store, _ = tiny_corpus(seed=1)  # same shapes, other weights
+    stranger = _trainer(other_store, dataset, tmp_path / "run", "pool4", max_epochs=1)
+    with pytest.raises(TrainingError, match=r"store weights.*random\(seed=0\).*random\(seed=1\)"):
+        stranger.resume(tmp_path / "run" / "last.pt")
+    bigger = _trainer(store, dataset, tmp_path / "run", "pool5", max_epochs=1)
+    with pytest.raises(TrainingError, match="model config"):
+        bigger.resume(tmp_path / "run" / "last.pt")
+
+
+def test_missing_features_refused_before_training(tiny_corpus, tmp_path):
+    _, dataset = tiny_corpus(n_videos=6)
+    small_store, _ = tiny_corpus(n_videos=3, seed=1)
+    with pytest.raises(TrainingError, match=r"3 training video.*no features.*v3"):
+        _trainer(small_store, dataset, tmp_path / "run", "soft")
+
+
+def _params(tmp_path: Path, **train) -> Path:
+    path = tmp_path / "params.yaml"
+    model = {**TINY_MODEL, "dropout": 0.0}
+    path.write_text(yaml.safe_dump({"model": model, "train": train}))
+    return path
+
+
+def test_cli_trains_logs_and_refuses_to_overwrite(tiny_corpus, tmp_path):
+    store, dataset = tiny_corpus(splits=("train", "train", "val"))
+    params = _params(tmp_path, videos_per_batch=2, captions_per_video=3, max_epochs=2)
+    args = ["--store", str(store), "--dataset", str(dataset), "--out", str(tmp_path / "run")]
+    args += ["--variant", "soft", "--params", str(params)]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (tmp_path / "run/metrics/train.jsonl").open()]
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    assert all(s["loss"] > 0 for s in steps)
+    validations = [json.loads(line) for line in (tmp_path / "run/metrics/val.jsonl").open()]
+    assert [v["epoch"] for v in validations] == [1, 2]
+    assert all(isinstance(v["CIDEr"], float) for v in validations)
+    assert (tmp_path / "run/best.pt").is_file()
+
+    again = CliRunner().invoke(train_cli, args)
+    assert again.exit_code == 1 and "--resume" in again.output
+    unknown = tmp_path / "bad.yaml"
+    unknown.write_text("train:\n  learning_rat: 0.1\n")
+    bad = CliRunner().invoke(train_cli, [*args[:-2], "--params", str(unknown)])
+    assert bad.exit_code == 1 and "learning_rat" in bad.output
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_loss_trajectory(tiny_corpus, tmp_path):
+    store, dataset = tiny_corpus(n_videos=8)
+    common = ["--store", str(store), "--dataset", str(dataset), "--variant", "soft"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    single = tmp_path / "single"
+    params = _params(tmp_path, videos_per_batch=4, captions_per_video=2, max_steps=5)
+    subprocess.run(
+        [sys.executable, "-m", "astar.train.cli", *common, "--out", str(single)]
+        + ["--params", str(params), "--device", "cpu"],
+        check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    double = tmp_path / "double"
+    (tmp_path / "two").mkdir()
+    params = _params(tmp_path / "two", videos_per_batch=2, captions_per_video=2, max_steps=5)
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        + ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+        + ["-m", "astar.train.cli", *common, "--out", str(double), "--params", str(params)]
+        + ["--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "metrics/train.jsonl").open()]
+
+    one, two = losses(single), losses(double)
+    assert len(one) == len(two) == 5
+    assert one[0] != one[-1]  # training moved
+    assert two == pytest.approx(one, rel=1e-4)
+    assert json.loads((double / "config.json").read_text())["world_size"] == 2

@@ -1,0 +1,241 @@
+"""``train-captioner --store STORE --dataset DIR --variant soft --out RUN``.
+
+Data-parallel: ``torchrun --nproc-per-node N -m astar.train.cli --store ...`` (gloo on CPU,
+nccl on GPU); the global batch is ``videos_per_batch x captions_per_video x N`` captions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import yaml
+
+from astar.train.loop import TrainConfig, TrainingError, init_distributed
+from astar.train.model import VARIANTS, Captioner, CaptionerConfig
+
+log = logging.getLogger(__name__)
+
+
+def _read_params(path: Path | None) -> dict[str, Any]:
+    """The ``train`` and ``model`` sections of a params YAML file (other sections ignored)."""
+    if path is None:
+        return {}
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise click.ClickException(f"{path}: cannot read params: {error}") from error
+    if not isinstance(params, dict):
+        raise click.ClickException(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def _section(params: dict, name: str, cls: type, path: Path | None) -> dict[str, Any]:
+    section = params.get(name) or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise click.ClickException(
+            f"{path}: unknown keys in '{name}': {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    return dict(section)
+
+
+def build_model_config(
+    preset: str,
+    variant: str,
+    vocab_size: int,
+    channels: dict[str, int],
+    fc_dim: int,
+    overrides: dict,
+) -> CaptionerConfig:
+    if preset == "small":
+        return CaptionerConfig.small(
+            vocab_size, variant, layer_channels=channels, fc_dim=fc_dim, **overrides
+        )
+    return CaptionerConfig(
+        vocab_size=vocab_size, variant=variant, layer_channels=channels, fc_dim=fc_dim, **overrides
+    )
+
+
+def make_validator(store, dataset, split: str, max_length: int, batch_videos: int = 32):
+    """Greedy-decode ``split`` and score it (BLEU, ROUGE-L, CIDEr-D; METEOR is left to evaluation
+    because its Java start-up costs more than a small validation set)."""
+    from astar.evaluate.decoding import greedy_decode
+    from astar.evaluate.metrics import score_captions
+    from astar.train.data import FeatureSource, collate_features
+
+    references = dataset.captions_by_video(split)
+    ids = sorted(vid for vid in references if vid in store)
+    if not ids:
+        raise TrainingError(f"no {split} video of the dataset has features in {store.path}")
+    vocabulary = dataset.vocabulary
+
+    def validate(model: Captioner) -> dict[str, float]:
+        device = next(model.parameters()).device
+        source = FeatureSource(store, model.config.attended_layers)
+        predictions = {}
+        for start in range(0, len(ids), batch_videos):
+            chunk = ids[start : start + batch_videos]
+            features = collate_features(source.read(chunk), source.layers).to(device)
+            for vid, decoded in zip(chunk, greedy_decode(model, features, max_length), strict=True):
+                predictions[vid] = vocabulary.decode(decoded.tokens)
+        scores = score_captions(
+            predictions,
+            {vid: references[vid] for vid in ids},
+            metrics=("BLEU", "ROUGE_L", "CIDEr"),
+        )
+        return {k: v for k, v in scores.corpus.items() if k in ("BLEU-4", "ROUGE_L", "CIDEr")}
+
+    return validate
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory."
+)
+@click.option("--variant", type=click.Choice(VARIANTS), default="soft", show_default=True)
+@click.option(
+    "--params",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML with 'train' (TrainConfig) and 'model' (CaptionerConfig) sections.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["paper", "small"]),
+    default="paper",
+    show_default=True,
+    help="Model sizes: the paper's, or small for CPU demos.",
+)
+@click.option(
+    "--word-vectors",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="word2vec binary/text or GloVe file to initialise the embedding.",
+)
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt exactly where it stopped.")
+@click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda when available.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None)
+@click.option("--epochs", "max_epochs", type=int, default=None)
+@click.option("--max-steps", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--verbose", "-v", is_flag=True)
+def main(
+    store: Path,
+    dataset: Path,
+    out: Path,
+    variant: str,
+    params: Path | None,
+    preset: str,
+    word_vectors: Path | None,
+    resume: bool,
+    device: str | None,
+    precision: str | None,
+    max_epochs: int | None,
+    max_steps: int | None,
+    seed: int | None,
+    verbose: bool,
+) -> None:
+    """Train the ASTAR captioner (or a baseline variant) on features from STORE."""
+    from astar.pipelines.datasets import Dataset, DatasetError
+    from astar.store import FeatureStore, StoreError
+    from astar.train.checkpoint import CheckpointError
+    from astar.train.loop import CaptionData, Trainer, store_layers
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    values = _read_params(params)
+    train_values = _section(values, "train", TrainConfig, params)
+    model_values = _section(values, "model", CaptionerConfig, params)
+    for derived in ("vocab_size", "variant", "layer_channels", "fc_dim"):
+        if derived in model_values:
+            raise click.ClickException(
+                f"{params}: model.{derived} comes from the store/dataset/--variant"
+            )
+    flags = {
+        "device": device,
+        "precision": precision,
+        "max_epochs": max_epochs,
+        "max_steps": max_steps,
+        "seed": seed,
+    }
+    train_values.update({k: v for k, v in flags.items() if v is not None})
+    distributed = init_distributed()
+    try:
+        config = TrainConfig(**train_values)
+        feature_store = FeatureStore.open(store)
+        data_set = Dataset.load(dataset)
+        channels, fc_dim = store_layers(feature_store)
+        model_config = build_model_config(
+            preset, variant, len(data_set.vocabulary), channels, fc_dim, model_values
+        )
+        vectors = None
+        if word_vectors is not None:
+            from astar.train.wordvec import load_word_vectors
+
+            loaded = load_word_vectors(
+                word_vectors, data_set.vocabulary, dim=model_config.embed_dim
+            )
+            click.echo(loaded.describe(), err=True)
+            vectors = torch.as_tensor(loaded.matrix)
+        train = data_set.encoded_captions("train")
+        data = CaptionData(
+            vocabulary=data_set.vocabulary.to_dict(),
+            train=train,
+            val_references=data_set.captions_by_video("val"),
+            decode=data_set.vocabulary.decode,
+        )
+        validate = (
+            make_validator(feature_store, data_set, "val", config.max_length)
+            if data.val_references
+            else None
+        )
+        trainer = Trainer(feature_store, data, model_config, config, out, vectors, validate)
+        if resume and (out / "last.pt").exists():
+            trainer.resume(out / "last.pt")
+        elif (out / "last.pt").exists():
+            raise click.ClickException(
+                f"{out} already holds a run (last.pt): pass --resume to continue it, or choose "
+                "another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        if trainer.rank == 0:
+            (out / "config.json").write_text(
+                json.dumps(
+                    {
+                        "model": model_config.to_dict(),
+                        "train": config.to_dict(),
+                        "store": str(store),
+                        "dataset": str(dataset),
+                        "world_size": trainer.world_size,
+                    },
+                    indent=2,
+                    default=str,
+                )
+                + "\n"
+            )
+        state = trainer.run()
+    except (TrainingError, CheckpointError, StoreError, DatasetError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if trainer.rank == 0:
+        click.echo(
+            f"{out}: stopped ({state.stopped}) after {state.step} steps, epoch {state.epoch}; "
+            f"best {config.metric} {state.best_score:.2f} at epoch {state.best_epoch}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Training the captioner: Adam, gradient clipping, early stopping, exact resume, DDP.
+
+One run directory holds ``last.pt`` (written every ``checkpoint_every`` steps and after each
+epoch), ``best.pt`` (best validation score so far), and ``metrics/train.jsonl`` and
+``metrics/val.jsonl`` (one JSON object per step or epoch, for DVC plots).
+
+Exact resume: the data order is a function of (seed, epoch) (``VideoMajorSampler``) and the
+checkpoint holds the optimizer, the position in the epoch and every random state, so a run killed
+at any point and resumed from its last checkpoint ends with the same parameters as a run that
+never stopped (on CPU, where kernels are deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from astar.store import FeatureStore
+from astar.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    random_states,
+    restore_random_states,
+    save_checkpoint,
+)
+from astar.train.data import BatchLoader, CaptionBatch, FeatureSource, VideoMajorSampler
+from astar.train.model import POOL_LAYERS, Captioner, CaptionerConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(Exception):
+    """Training cannot start or continue (mismatching checkpoint, missing features, ...)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; the model's own sizes are in CaptionerConfig."""
+
+    videos_per_batch: int = 8  # distinct videos per batch (per rank)
+    captions_per_video: int = 4  # captions of each video in a batch; 8 x 4 = the paper's 32
+    learning_rate: float = 2e-4  # Adam (ASTAR-NOTES)
+    clip_norm: float = 5.0  # global gradient-norm clipping
+    max_epochs: int = 50  # upper bound; early stopping usually ends sooner
+    patience: int = 5  # validations without improvement before stopping
+    metric: str = "CIDEr"  # validation metric for early stopping and best.pt (CIDEr-D)
+    validate_every: int = 1  # epochs between validations
+    max_length: int = 30  # longest caption generated at validation
+    checkpoint_every: int = 200  # steps between last.pt writes (and after every epoch)
+    seed: int = 0  # data order, initialisation, dropout
+    device: str | None = None  # None: cuda when available
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    cache_videos: int = 0  # keep this many videos' features in memory (0: stream every read)
+    prefetch: int = 2  # batches read ahead of the one computing
+    max_steps: int | None = None  # stop after this many steps in total (tests, smoke runs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CaptionData:
+    """The captions a run trains and validates on, already tied to the vocabulary."""
+
+    vocabulary: dict[str, Any]  # Vocabulary.to_dict(), stored in checkpoints
+    train: dict[str, list[list[int]]]  # video id -> encoded captions (each ends with eos)
+    val_references: dict[str, list[str]]  # video id -> reference captions (raw text)
+    decode: Callable[[list[int]], str]  # word ids -> text
+
+
+@dataclass
+class TrainState:
+    """Where a run is; all of it goes into the checkpoint."""
+
+    epoch: int = 0  # current epoch
+    batch: int = 0  # next batch of the current epoch
+    step: int = 0  # optimizer steps taken
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    bad_validations: int = 0  # consecutive validations without improvement
+    stopped: str = ""  # why training ended: "early stopping", "max epochs", "max steps"
+    history: list[dict[str, float]] = field(default_factory=list)  # validation results
+
+
+def store_layers(store: FeatureStore) -> tuple[dict[str, int], int]:
+    """Channels of the pool layers and the fc7 size, from the store's schema."""
+    shapes = store.schema.layer_shapes
+    channels = {name: int(shapes[name][0]) for name in POOL_LAYERS if name in shapes}
+    return channels, int(shapes["fc7"][0])
+
+
+def compatibility_problems(
+    payload: dict[str, Any], store: FeatureStore, vocabulary: dict
+) -> list[str]:
+    """What differs between a checkpoint and the store/vocabulary it is used with."""
+    problems = []
+    saved = payload.get("store_schema", {})
+    current = store.schema.to_dict()
+    for key in ("backbone", "weights", "fps", "size", "layer_shapes", "preprocessing", "dtype"):
+        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(
+            current.get(key), sort_keys=True
+        ):
+            problems.append(
+                f"store {key}: checkpoint has {saved.get(key)!r}, store has {current.get(key)!r}"
+            )
+    if payload.get("vocabulary") != vocabulary:
+        problems.append("the vocabulary differs from the dataset's")
+    return problems
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class Trainer:
+    """Owns the model, optimizer, data and state of one run directory."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        data: CaptionData,
+        model_config: CaptionerConfig,
+        config: TrainConfig,
+        out: str | Path,
+        word_vectors: torch.Tensor | None = None,
+        validate: Callable[[Captioner], dict[str, float]] | None = None,
+    ) -> None:
+        self.store, self.data, self.config = store, data, config
+        self.out = Path(out)
+        self.rank, self.world_size = _distributed()
+        self.device = torch.device(
+            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        missing = sorted(set(data.train) - set(store.ids))
+        if missing:
+            raise TrainingError(
+                f"{len(missing)} training video(s) have no features in {store.path}: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
+        torch.manual_seed(config.seed)
+        self.model_config = model_config
+        self.model = Captioner(model_config, word_vectors).to(self.device)
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(self.model) if self.world_size > 1 else self.model
+        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.sampler = VideoMajorSampler(
+            {vid: len(caps) for vid, caps in data.train.items()},
+            config.videos_per_batch,
+            config.captions_per_video,
+            seed=config.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        layers = model_config.attended_layers
+        self.loader = BatchLoader(
+            FeatureSource(store, layers, cache_videos=config.cache_videos),
+            data.train,
+            prefetch=config.prefetch,
+        )
+        self.validate = validate
+        self.state = TrainState()
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "model_config": self.model_config.to_dict(),
+            "train_config": {
+                k: str(v) if isinstance(v, Path) else v for k, v in self.config.to_dict().items()
+            },
+            "vocabulary": self.data.vocabulary,
+            "store_schema": self.store.schema.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": asdict(self.state),
+            "random": random_states(),
+        }
+
+    def save(self, name: str) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.out / name, self.payload())
+
+    def resume(self, path: Path) -> None:
+        payload = load_checkpoint(path, map_location=self.device)
+        problems = compatibility_problems(payload, self.store, self.data.vocabulary)
+        saved_config = CaptionerConfig.from_dict(payload["model_config"])
+        if saved_config != self.model_config:
+            problems.append(
+                f"model config: checkpoint {saved_config}, requested {self.model_config}"
+            )
+        if problems:
+            raise TrainingError(f"{path} does not match this run:\n  " + "\n  ".join(problems))
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = TrainState(**payload["state"])
+        restore_random_states(payload["random"])
+        log.info("resumed %s at epoch %d batch %d", path, self.state.epoch, self.state.batch)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _log(self, name: str, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        path = self.out / "metrics" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    def train_step(self, batch: CaptionBatch, global_captions: int, weight: float) -> float:
+        """One optimizer step; returns the mean loss over the global batch's captions."""
+        self.ddp.train()
+        batch = batch.to(self.device)
+        with _autocast(self.device, self.config.precision):
+            result = self._loss(batch)
+        # DDP averages gradients over ranks: scale so the average is the global-batch mean.
+        total = result.per_caption.sum() * weight
+        self.optimizer.zero_grad(set_to_none=True)
+        (total * (self.world_size / global_captions)).backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        self.optimizer.step()
+        total = total.detach()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
+        return float(total) / global_captions
+
+    def _loss(self, batch: CaptionBatch):
+        if self.ddp is self.model:
+            return self.model.loss(batch.features, batch.tokens, batch.video_index)
+        # DDP hooks run through forward(): route the loss call through it.
+        return self.ddp(batch.features, batch.tokens, batch.video_index)
+
+    def run(self) -> TrainState:
+        config, state = self.config, self.state
+        progress = _progress(len(self.sampler), enabled=self.rank == 0)
+        while not state.stopped:
+            if state.epoch >= config.max_epochs:
+                state.stopped = "max epochs"
+                break
+            plans = self.sampler.epoch(state.epoch)
+            progress.reset(total=len(plans))
+            progress.update(state.batch)
+            progress.set_description(f"epoch {state.epoch}")
+            started, captions_seen = time.perf_counter(), 0
+            for plan, batch in zip(
+                plans[state.batch :], self.loader(plans[state.batch :]), strict=True
+            ):
+                loss = self.train_step(batch, plan.global_captions, 0.0 if plan.dummy else 1.0)
+                n_captions = plan.global_captions
+                state.batch += 1
+                state.step += 1
+                captions_seen += n_captions
+                rate = captions_seen / max(time.perf_counter() - started, 1e-9)
+                progress.set_postfix(
+                    loss=f"{loss:.3f}", captions_per_s=f"{rate:.0f}", refresh=False
+                )
+                progress.update(1)
+                self._log(
+                    "train",
+                    {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "loss": loss,
+                        "captions_per_s": rate,
+                    },
+                )
+                if config.max_steps is not None and state.step >= config.max_steps:
+                    state.stopped = "max steps"
+                    break
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    self.save("last.pt")
+            if state.stopped:
+                self.save("last.pt")
+                break
+            state.epoch, state.batch = state.epoch + 1, 0
+            if self.validate is not None and state.epoch % config.validate_every == 0:
+                self._validation(state)
+            self.save("last.pt")
+        progress.close()
+        return state
+
+    def _validation(self, state: TrainState) -> None:
+        self.model.eval()
+        scores = self.validate(self.model) if self.rank == 0 else {}
+        score = float(scores.get(self.config.metric, -math.inf))
+        if self.world_size > 1:  # every rank must take the same early-stopping decision
+            shared = torch.tensor([score], device=self.device)
+            torch.distributed.broadcast(shared, src=0)
+            score = float(shared)
+        record = {"epoch": state.epoch, "step": state.step, **scores}
+        state.history.append(record)
+        self._log("val", record)
+        if score > state.best_score:
+            state.best_score, state.best_epoch, state.bad_validations = score, state.epoch, 0
+            self.save("best.pt")
+        else:
+            state.bad_validations += 1
+            if state.bad_validations >= self.config.patience:
+                state.stopped = "early stopping"
+        log.info(
+            "epoch %d: %s = %.2f (best %.2f)",
+            state.epoch,
+            self.config.metric,
+            score,
+            state.best_score,
+        )
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="batch", disable=not enabled, dynamic_ncols=True)
+
+
+def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes in the environment; False when not launched so."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
+__all__ = [
+    "CaptionData",
+    "CheckpointError",
+    "TrainConfig",
+    "TrainState",
+    "Trainer",
+    "TrainingError",
+    "compatibility_problems",
+    "init_distributed",
+    "store_layers",
+]
