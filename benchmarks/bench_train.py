@@ -1,0 +1,167 @@
+"""Training throughput: captions/s per variant, data-wait fraction, video- vs caption-major.
+
+    python benchmarks/bench_train.py [--steps 6] [--repeats 3] [--skip-major]
+
+1. Per variant, on a demo-sized store (c3d-small shapes, 16-32 frames per video, written to a
+   temporary directory) with the small model preset: training captions/s through the real loader
+   (prefetching, streaming from the store), and the fraction of step time spent waiting for data.
+2. Video-major against caption-major batching with the paper-size alignment (full C3D channels):
+   the same captions, once with each video prepared once and shared by its captions, once with
+   every caption carrying its own copy of the video (what a caption-major loader does). Medians
+   of --repeats forward+backward steps, measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astar.store import FeatureStore, StoreSchema
+from astar.train.data import BatchLoader, FeatureSource, VideoMajorSampler
+from astar.train.model import (
+    C3D_FC_DIM,
+    C3D_LAYER_CHANNELS,
+    C3D_SMALL_FC_DIM,
+    C3D_SMALL_LAYER_CHANNELS,
+    VARIANTS,
+    Captioner,
+    CaptionerConfig,
+    FeatureBatch,
+)
+
+SPATIAL = {"pool2": (28, 28), "pool3": (14, 14), "pool4": (7, 7), "pool5": (4, 4)}
+
+
+def _shapes(channels: dict[str, int], fc_dim: int) -> dict[str, tuple[int, ...]]:
+    shapes = {name: (channels[name], *SPATIAL[name]) for name in SPATIAL}
+    return {**shapes, "fc7": (fc_dim,)}
+
+
+def demo_store(root: Path, n_videos: int, seed: int = 0) -> FeatureStore:
+    """Random ReLU-like features with the c3d-small shapes, 16-32 frames per video."""
+    schema = StoreSchema(
+        fps=2.0, size=112, min_frames=16, max_frames=128, backbone="c3d-small",
+        weights="random(seed=0)", preprocessing="unit-rgb", clip_length=16, clip_stride=8,
+        layer_shapes=_shapes(C3D_SMALL_LAYER_CHANNELS, C3D_SMALL_FC_DIM),
+    )  # fmt: skip
+    store = FeatureStore.create_or_open(root, schema)
+    rng = np.random.default_rng(seed)
+    videos = [(f"v{k:04d}", f"/bench/v{k:04d}.mp4") for k in range(n_videos)]
+    for plan in store.plan(videos, partition_size=64):
+        with store.partition_writer(plan.name) as writer:
+            for vid, source in plan.videos:
+                n_frames = int(rng.choice([16, 24, 32]))
+                lengths = schema.expected_lengths(n_frames)
+                features = {
+                    name: np.maximum(rng.normal(size=schema.full_shape(name, lengths[name])), 0)
+                    for name in schema.layer_shapes
+                }
+                info = {
+                    "n_frames": n_frames, "n_sampled": n_frames, "padded": False,
+                    "subsampled": False, "duration": n_frames / 2, "fps": None,
+                    "source_fps": 25.0, "timestamps": np.arange(n_frames) / 2,
+                }  # fmt: skip
+                writer.add(vid, source, features, info)
+            writer.commit()
+    return store
+
+
+def variant_throughput(store: FeatureStore, steps: int, vocab: int = 400) -> None:
+    rng = np.random.default_rng(1)
+    captions = {
+        vid: [list(rng.integers(3, vocab, size=rng.integers(5, 12))) + [1] for _ in range(5)]
+        for vid in store.ids
+    }
+    print(f"\n{len(store.ids)}-video store, small preset, 8 videos x 4 captions per batch")
+    print(f"{'variant':>8} {'captions/s':>11} {'data wait':>10}")
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        config = CaptionerConfig.small(vocab, variant)
+        model = Captioner(config)
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+        sampler = VideoMajorSampler({v: 5 for v in captions}, 8, 4, seed=0)
+        source = FeatureSource(store, config.attended_layers)
+        loader = BatchLoader(source, captions, prefetch=2)
+        plans = sampler.epoch(0)[: steps + 1]
+        batches = loader(plans)
+        next(batches)  # warm-up outside the clock
+        loader.wait_seconds, started, n = 0.0, time.perf_counter(), 0
+        for batch in batches:
+            loss = model.loss(batch.features, batch.tokens, batch.video_index).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            n += batch.tokens.shape[0]
+        elapsed = time.perf_counter() - started
+        print(f"{variant:>8} {n / elapsed:11.1f} {loader.wait_seconds / elapsed:9.1%}")
+
+
+def major_speedup(videos: int, captions_per_video: int, repeats: int) -> None:
+    """Paper-size alignment (full C3D channels, F = 512): video- vs caption-major steps."""
+    torch.manual_seed(0)
+    vocab, n_frames = 1000, 16
+    config = CaptionerConfig(vocab_size=vocab, variant="soft")
+    model = Captioner(config)
+    channels, fc_dim = C3D_LAYER_CHANNELS, C3D_FC_DIM
+    features = FeatureBatch(
+        layers={
+            name: torch.relu(torch.randn(videos, channels[name], n_frames // s, *SPATIAL[name]))
+            for name, s in zip(SPATIAL, (2, 4, 8, 16), strict=True)
+        },
+        n_frames=torch.full((videos,), n_frames),
+        fc7=torch.relu(torch.randn(videos, fc_dim)),
+    )
+    n_captions = videos * captions_per_video
+    tokens = torch.randint(3, vocab, (n_captions, 10))
+    tokens[:, -1] = 1
+    video_index = torch.arange(videos).repeat_interleave(captions_per_video)
+    # Caption-major: every caption brings its own copy of its video's features.
+    copied = FeatureBatch(
+        layers={k: v[video_index] for k, v in features.layers.items()},
+        n_frames=features.n_frames[video_index],
+        fc7=features.fc7[video_index],
+    )
+
+    def step(batch: FeatureBatch, index: torch.Tensor) -> float:
+        started = time.perf_counter()
+        model.zero_grad()
+        model.loss(batch, tokens, index).loss.backward()
+        return time.perf_counter() - started
+
+    video_major, caption_major = [], []
+    for _ in range(repeats):  # interleaved, so both see the same machine load
+        video_major.append(step(features, video_index))
+        caption_major.append(step(copied, torch.arange(n_captions)))
+    vm, cm = statistics.median(video_major), statistics.median(caption_major)
+    print(
+        f"\npaper-size soft step, {videos} videos x {captions_per_video} captions, N = {n_frames}"
+    )
+    print(f"  video-major   {vm:7.2f} s  ({n_captions / vm:.2f} captions/s)")
+    print(f"  caption-major {cm:7.2f} s  ({n_captions / cm:.2f} captions/s)")
+    print(f"  speed-up of video-major: {cm / vm:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--major-videos", type=int, default=2)
+    parser.add_argument("--captions-per-video", type=int, default=4)
+    parser.add_argument("--skip-major", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as scratch:
+        variant_throughput(demo_store(Path(scratch) / "store", args.videos), args.steps)
+    if not args.skip_major:
+        major_speedup(args.major_videos, args.captions_per_video, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
