@@ -46,6 +46,7 @@ from pathlib import Path
 import pycocoevalcap.tokenizer.ptbtokenizer as coco_ptb
 
 from astar.evaluate._scorer_worker import BLEU_NAMES, FAULT_HANG, FAULT_RAISE
+from astar.pipelines.text import sanitise_caption
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -81,11 +82,6 @@ EMPTY_PREDICTION = "xxempty"
 _PTB_SENTINEL = "xxendofcaptions"
 _WORKER_MODULE = f"{__package__}._scorer_worker"
 
-# C0 and C1 control characters and the byte-order mark become spaces (U+2028/U+2029 are
-# whitespace to str.split). A space rather than nothing for the BOM: it sits between words too
-# ("done.\ufefftomatoes" in MSVD's raw descriptions).
-_TO_SPACE = str.maketrans(dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0xFEFF], " "))
-_METEOR_SEPARATOR = "|||"
 # Anything that would break a line of the METEOR or PTB protocols once tokenised.
 _PROTOCOL_BREAKER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]|\|\|\|")
 _JAVA_VERSION = re.compile(r'version "([^"]+)"')
@@ -159,12 +155,6 @@ def check_java(*, min_major: int = MIN_JAVA_MAJOR, timeout_s: float = 30.0) -> s
 
 
 # --- Sanitising and tokenising ------------------------------------------------------------------
-
-
-def sanitise_caption(text: str) -> str:
-    """One line of single-spaced text that no tokenizer or METEOR can split or merge."""
-    text = text.translate(_TO_SPACE).replace(_METEOR_SEPARATOR, " ")
-    return " ".join(text.split())
 
 
 def tokenize_whitespace(captions: Sequence[str]) -> list[str]:

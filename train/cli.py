@@ -152,6 +152,8 @@ def main(
     from astar.store import FeatureStore, StoreError
     from astar.train.checkpoint import CheckpointError
     from astar.train.loop import CaptionData, Trainer, store_layers
+    from astar.train.vocab import VocabularyError
+    from astar.train.wordvec import WordVectorsError
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     values = _read_params(params)
@@ -225,7 +227,10 @@ def main(
                 + "\n"
             )
         state = trainer.run()
-    except (TrainingError, CheckpointError, StoreError, DatasetError, ValueError) as error:
+    except (
+        TrainingError, CheckpointError, StoreError, DatasetError, VocabularyError,
+        WordVectorsError, ValueError,
+    ) as error:  # fmt: skip
         raise click.ClickException(str(error)) from error
     finally:
         if distributed:
