@@ -1,0 +1,284 @@
+"""Commands: ``evaluate-captioner``, ``score-captions``, ``caption-video``, ``report``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+TABLE_METRICS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
+TABLE_HEADER = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from astar.evaluate.inference import InferenceError
+    from astar.evaluate.metrics import MetricsError
+    from astar.pipelines.datasets import DatasetError
+    from astar.store import StoreError
+    from astar.train.checkpoint import CheckpointError
+
+    return InferenceError, MetricsError, DatasetError, StoreError, CheckpointError
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    temporary.replace(path)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of {"name", and the TABLE_METRICS} -> the paper-style Markdown table."""
+    lines = ["| model | " + " | ".join(TABLE_HEADER) + " |", "|---" * (len(TABLE_HEADER) + 1) + "|"]
+    for row in rows:
+        values = [row.get(metric) for metric in TABLE_METRICS]
+        cells = [
+            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+            for v in values
+        ]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _references(dataset_dir: Path, split: str) -> dict[str, list[str]]:
+    from astar.pipelines.datasets import Dataset
+
+    references = Dataset.load(dataset_dir).captions_by_video(split)
+    if not references:
+        raise click.ClickException(f"{dataset_dir}: the {split} split has no captions")
+    return references
+
+
+@click.command("evaluate-captioner", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option("--split", default="test", show_default=True)
+@click.option("--beam", default=5, show_default=True, help="Beam size; 1 = greedy.")
+@click.option("--max-length", default=30, show_default=True)
+@click.option("--length-penalty", default=0.0, show_default=True)
+@click.option("--batch-videos", default=32, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Row name in the table (default: the variant).")
+@click.option(
+    "--figures", default=0, show_default=True, help="Attention pictures of the first N videos."
+)
+@click.option(
+    "--allow-missing", is_flag=True, help="Score videos without features as missing, counted."
+)
+@click.option("--device", default=None)
+@click.option("--quiet", "-q", is_flag=True)
+def evaluate_captioner(
+    checkpoint: Path, store: Path, dataset: Path, split: str, beam: int, max_length: int,
+    length_penalty: float, batch_videos: int, out: Path, name: str | None, figures: int,
+    allow_missing: bool, device: str | None, quiet: bool,
+) -> None:  # fmt: skip
+    """Caption a dataset split from its stored features and score it (x 100)."""
+    from astar.evaluate.inference import caption_store, load_trained
+    from astar.evaluate.metrics import check_java, score_captions
+    from astar.store import FeatureStore
+
+    try:
+        check_java()
+        trained = load_trained(checkpoint, device)
+        references = _references(dataset, split)
+        features = FeatureStore.open(store)
+        without = sorted(v for v in references if v not in features)
+        if without and not allow_missing:
+            raise click.ClickException(
+                f"{len(without)} {split} video(s) have no features in {store} "
+                f"(e.g. {', '.join(without[:5])}); pass --allow-missing to count them as missing"
+            )
+        ids = sorted(v for v in references if v in features)
+        decoded = caption_store(
+            trained, features, ids, beam, max_length, length_penalty, batch_videos, not quiet
+        )
+        predictions = {vid: trained.vocabulary.decode(d.tokens) for vid, d in decoded.items()}
+        scores = score_captions(predictions, references, allow_missing=allow_missing)
+    except _user_errors() as error:
+        raise click.ClickException(str(error)) from error
+    row = {"name": name or trained.variant, **{m: scores.corpus[m] for m in TABLE_METRICS}}
+    _write_json(out / "predictions.json", predictions)
+    _write_json(
+        out / "metrics.json",
+        {
+            "name": row["name"], "variant": trained.variant, "split": split, "beam": beam,
+            "max_length": max_length, "length_penalty": length_penalty,
+            "checkpoint": str(checkpoint), **scores.corpus, "n_videos": scores.n_videos,
+            "n_missing": scores.n_missing, "missing": list(scores.missing),
+        },
+    )  # fmt: skip
+    _write_json(out / "per_video.json", scores.per_video)
+    (out / "metrics.md").write_text(markdown_table([row]))
+    if figures:
+        _figures(trained, store, dataset, ids[:figures], decoded, out / "figures")
+    click.echo(markdown_table([row]), nl=False)
+
+
+def _figures(trained, store: Path, dataset: Path, ids, decoded, folder: Path) -> None:
+    """Attention pictures of ``ids``: frames re-decoded from the dataset's video files."""
+    from astar.evaluate.figures import attention_figure
+    from astar.extract.decode import DecodeConfig, decode_video
+    from astar.pipelines.datasets import Dataset
+
+    videos = Dataset.load(dataset).videos.set_index("id")["path"]
+    schema = trained.schema
+    config = DecodeConfig(fps=schema.fps, size=schema.size, min_frames=schema.min_frames,
+                          max_frames=schema.max_frames)  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    for vid in ids:
+        path = videos.get(vid, "")
+        if not path:
+            click.echo(f"no video file for {vid}: no attention picture", err=True)
+            continue
+        words = trained.vocabulary.decode(decoded[vid].tokens).split() + ["<eos>"]
+        frames = decode_video(path, config).frames
+        layer_names = trained.model.config.attended_layers
+        safe = vid.replace("/", "_")
+        attention_figure(frames, words, decoded[vid], layer_names, folder / f"{safe}.png")
+
+
+@click.command("score-captions", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option("--split", default="test", show_default=True)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Metrics JSON to write."
+)
+@click.option("--allow-missing", is_flag=True)
+@click.option("--name", default=None)
+def score_captions_command(
+    predictions: Path, dataset: Path, split: str, out: Path | None, allow_missing: bool,
+    name: str | None,
+) -> None:  # fmt: skip
+    """Score any system's PREDICTIONS (JSON {video id: caption}) against a dataset split."""
+    from astar.evaluate.metrics import score_captions
+
+    try:
+        loaded = json.loads(predictions.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise click.ClickException(f"{predictions}: not a JSON file: {error}") from error
+    if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
+        raise click.ClickException(f"{predictions}: expected a JSON object {{video id: caption}}")
+    try:
+        scores = score_captions(loaded, _references(dataset, split), allow_missing=allow_missing)
+    except _user_errors() as error:
+        raise click.ClickException(str(error)) from error
+    row = {"name": name or predictions.stem, **{m: scores.corpus[m] for m in TABLE_METRICS}}
+    if out:
+        _write_json(out, {"name": row["name"], "split": split, **scores.corpus,
+                          "n_videos": scores.n_videos, "n_missing": scores.n_missing})  # fmt: skip
+    click.echo(markdown_table([row]), nl=False)
+
+
+@click.command("caption-video", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The C3D weights the training features were extracted with, if any.",
+)
+@click.option("--beam", default=5, show_default=True)
+@click.option("--max-length", default=30, show_default=True)
+@click.option("--device", default=None)
+@click.option(
+    "--figures",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write an attention picture per video into this folder.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per video.")
+def caption_video(
+    videos: tuple[Path, ...], checkpoint: Path, weights: Path | None, beam: int, max_length: int,
+    device: str | None, figures: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Caption raw VIDEOS with a trained checkpoint, extracting features as its training did."""
+    from astar.evaluate.inference import extract_like_training, features_to_batch, load_trained
+
+    try:
+        trained = load_trained(checkpoint, device)
+        done, failed = extract_like_training(trained, videos, weights, device)
+    except (*_user_errors(), OSError) as error:
+        raise click.ClickException(str(error)) from error
+    if done:
+        batch = features_to_batch([f for _, (_, f) in done], [len(d.frames) for _, (d, _) in done])
+        decoded = trained.decode(batch, beam, max_length)
+        for (path, (video, _)), caption in zip(done, decoded, strict=True):
+            text = trained.vocabulary.decode(caption.tokens)
+            if as_json:
+                click.echo(json.dumps({"video": str(path), "caption": text,
+                                       "log_prob": caption.log_prob}))  # fmt: skip
+            else:
+                click.echo(f"{path}: {text}")
+            if figures:
+                from astar.evaluate.figures import attention_figure
+
+                figures.mkdir(parents=True, exist_ok=True)
+                attention_figure(video.frames, text.split() + ["<eos>"], caption,
+                                 trained.model.config.attended_layers,
+                                 figures / f"{path.stem}.png")  # fmt: skip
+    for path, error in failed:
+        kind = getattr(error, "kind", "error")
+        if as_json:
+            click.echo(json.dumps({"video": str(path), "error": kind, "reason": str(error)}))
+        else:
+            click.echo(f"{path}: cannot caption ({kind}): {error}", err=True)
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command("report", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--reference",
+    "references",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON of extra rows {name: {metric: value}} (e.g. the demo's reference rows).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write report.md and report.json here.",
+)
+def report(runs: tuple[Path, ...], references: tuple[Path, ...], out: Path | None) -> None:
+    """The paper-style table of evaluated RUNS (folders with metrics.json, or the files)."""
+    rows = []
+    for run in runs:
+        path = run / "metrics.json" if run.is_dir() else run
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise click.ClickException(f"{path}: cannot read metrics: {error}") from error
+        missing = [m for m in TABLE_METRICS if m not in metrics]
+        if missing:
+            raise click.ClickException(f"{path}: no {', '.join(missing)} in the metrics")
+        rows.append(
+            {"name": metrics.get("name") or run.stem, **{m: metrics[m] for m in TABLE_METRICS}}
+        )
+    for reference in references:
+        extra = json.loads(reference.read_text())
+        for name, values in extra.items():
+            rows.append(
+                {"name": name.replace("_", " "), **{m: values.get(m) for m in TABLE_METRICS}}
+            )
+    table = markdown_table(rows)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(table)
+        _write_json(
+            out / "report.json", {"rows": rows, "metrics": list(TABLE_METRICS), "scale": 100}
+        )
+    click.echo(table, nl=False)
