@@ -107,6 +107,11 @@ def main(
             "need --fps > 0, --size > 0, --min-frames >= 16, --max-frames >= 0, "
             "--partition-size >= 1"
         )
+    if size != 112:
+        raise click.UsageError(
+            f"--size {size}: C3D's fc6 takes the 4 x 4 pool5 grid of 112 x 112 frames; "
+            "other sizes are not supported"
+        )
     if max_frames and max_frames < min_frames:
         raise click.UsageError(f"--max-frames {max_frames} is below --min-frames {min_frames}")
     config = ExtractConfig(
