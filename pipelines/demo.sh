@@ -6,11 +6,12 @@
 #   DEMO_TRAIN=24 DEMO_VAL=8 DEMO_TEST=8 DEMO_EPOCHS=1 bash pipelines/demo.sh
 set -euo pipefail
 OUT=${DEMO_OUT:-out/demo}
-TRAIN=${DEMO_TRAIN:-240}
-VAL=${DEMO_VAL:-40}
-TEST=${DEMO_TEST:-80}
-EPOCHS=${DEMO_EPOCHS:-6}
+TRAIN=${DEMO_TRAIN:-96}
+VAL=${DEMO_VAL:-16}
+TEST=${DEMO_TEST:-32}
+EPOCHS=${DEMO_EPOCHS:-3}
 VARIANTS=${DEMO_VARIANTS:-fc7 soft}
+BEAM=${DEMO_BEAM:-5}
 mkdir -p "$OUT"
 start=$(date +%s)
 
@@ -31,7 +32,7 @@ for variant in $VARIANTS; do
     touch "$run/done"
   fi
   evaluate-captioner --checkpoint "$run/best.pt" --store "$OUT/features" \
-    --dataset "$OUT/dataset" --split test --beam 5 --out "$OUT/eval/$variant" --figures 3 -q
+    --dataset "$OUT/dataset" --split test --beam "$BEAM" --out "$OUT/eval/$variant" --figures 3 -q
   runs+=("$OUT/eval/$variant")
 done
 report "${runs[@]}" --reference "$OUT/dataset/reference_scores.json" --out "$OUT/report"
