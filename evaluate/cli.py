@@ -129,6 +129,9 @@ def _figures(trained, store: Path, dataset: Path, ids, decoded, folder: Path) ->
     from astar.extract.decode import DecodeConfig, decode_video
     from astar.pipelines.datasets import Dataset
 
+    if not trained.model.config.attended_layers:
+        click.echo(f"{trained.variant} attends to no location: no attention pictures", err=True)
+        return
     videos = Dataset.load(dataset).videos.set_index("id")["path"]
     schema = trained.schema
     config = DecodeConfig(fps=schema.fps, size=schema.size, min_frames=schema.min_frames,
@@ -222,7 +225,7 @@ def caption_video(
                                        "log_prob": caption.log_prob}))  # fmt: skip
             else:
                 click.echo(f"{path}: {text}")
-            if figures:
+            if figures and trained.model.config.attended_layers:
                 from astar.evaluate.figures import attention_figure
 
                 figures.mkdir(parents=True, exist_ok=True)
