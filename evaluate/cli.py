@@ -142,7 +142,9 @@ def _figures(trained, store: Path, dataset: Path, ids, decoded, folder: Path) ->
         if not path:
             click.echo(f"no video file for {vid}: no attention picture", err=True)
             continue
-        words = trained.vocabulary.decode(decoded[vid].tokens).split() + ["<eos>"]
+        caption = decoded[vid]
+        words = trained.vocabulary.decode(caption.tokens).split()
+        words += ["<eos>"] if caption.finished else []
         frames = decode_video(path, config).frames
         layer_names = trained.model.config.attended_layers
         safe = vid.replace("/", "_")
@@ -229,7 +231,8 @@ def caption_video(
                 from astar.evaluate.figures import attention_figure
 
                 figures.mkdir(parents=True, exist_ok=True)
-                attention_figure(video.frames, text.split() + ["<eos>"], caption,
+                words = text.split() + (["<eos>"] if caption.finished else [])
+                attention_figure(video.frames, words, caption,
                                  trained.model.config.attended_layers,
                                  figures / f"{path.stem}.png")  # fmt: skip
     for path, error in failed:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from astar.evaluate.decoding import DecodedCaption, greedy_decode
+from astar.evaluate.decoding import DecodedCaption, beam_search, greedy_decode
 from astar.store import FeatureStore, StoreSchema
 from astar.train.checkpoint import CheckpointError, load_checkpoint
 from astar.train.data import FeatureSource, collate_features
@@ -62,8 +62,6 @@ class TrainedCaptioner:
         features = features.to(device)
         if beam_size <= 1:
             return greedy_decode(self.model, features, max_length)
-        from astar.evaluate.decoding import beam_search
-
         return beam_search(self.model, features, beam_size, max_length, length_penalty)
 
 
@@ -103,6 +101,9 @@ def caption_store(
 
     trained.check_store(store)
     source = FeatureSource(store, trained.model.config.attended_layers)
+    # Videos of similar length share a batch, so little alignment work goes into time padding.
+    lengths = store.manifest.set_index("id")["n_frames"]
+    video_ids = sorted(video_ids, key=lambda vid: (int(lengths[vid]), vid))
     chunks = [video_ids[i : i + batch_videos] for i in range(0, len(video_ids), batch_videos)]
     results: dict[str, DecodedCaption] = {}
     with tqdm(total=len(video_ids), unit="video", disable=not progress) as bar:
