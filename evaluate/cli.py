@@ -23,10 +23,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _write_json(path: Path, data) -> None:
+    from astar.store.files import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def markdown_table(rows: list[dict]) -> str:

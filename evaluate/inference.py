@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from astar.evaluate.decoding import DecodedCaption, beam_search, greedy_decode
-from astar.store import FeatureStore, StoreSchema
+from astar.store import FeatureStore, StoreSchema, VideoFeatures
 from astar.train.checkpoint import CheckpointError, load_checkpoint
 from astar.train.data import FeatureSource, collate_features
 from astar.train.model import Captioner, CaptionerConfig, FeatureBatch
@@ -185,11 +185,8 @@ def features_to_batch(
     features: Sequence[dict[str, np.ndarray]], n_frames: Sequence[int]
 ) -> FeatureBatch:
     """Per-video C3D outputs (as extracted) -> a FeatureBatch, through the training collation."""
-
-    @dataclass
-    class _Record:
-        layers: dict[str, np.ndarray]
-        info: dict[str, Any]
-
-    records = [_Record(f, {"n_frames": n}) for f, n in zip(features, n_frames, strict=True)]
+    records = [
+        VideoFeatures(id=str(k), layers=layers, info={"n_frames": n})
+        for k, (layers, n) in enumerate(zip(features, n_frames, strict=True))
+    ]
     return collate_features(records, tuple(features[0]))

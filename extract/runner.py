@@ -196,18 +196,6 @@ def gather_videos(inputs: Sequence[str | Path], ids: str = "stem") -> list[tuple
 # Schema
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("astar-captioning", "torch", "decord", "zarr", "numpy"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "unknown"
-    return found
-
-
 def build_schema(config: ExtractConfig, extractor) -> StoreSchema:
     """The store schema of this extraction: everything a consumer needs to trust the features."""
     info = extractor.info
@@ -223,7 +211,6 @@ def build_schema(config: ExtractConfig, extractor) -> StoreSchema:
         clip_stride=info["clip_stride"],
         layer_shapes={name: tuple(shape) for name, shape in extractor.layer_shapes().items()},
         dtype=config.dtype,
-        versions=_versions(),
     )
 
 
