@@ -139,7 +139,7 @@ def test_config_from_dict_refuses_unknown_keys_and_keeps_its_own_channels() -> N
 
 def test_alignment_reproduces_pool5_windows() -> None:
     """With delta kernels the branch is maxpool(ReLU(a_l)): check each cell's window by hand."""
-    model = Captioner(tiny_config("soft")).eval()
+    model = Captioner(tiny_config("soft", feature_norm="none")).eval()
     with torch.no_grad():
         for name, conv in model.alignment.convs.items():
             conv.weight.zero_()
@@ -178,6 +178,62 @@ def test_every_layer_lands_on_floor_n_over_16_steps(n_frames: int) -> None:
     assert context.grid == (n_frames // 16, 4, 4)
     assert context.locations.shape == (1, n_frames // 16 * 16, 4, 6)
     assert context.projected.shape == (1, n_frames // 16 * 16, 8)
+
+
+# ---- feature normalisation -------------------------------------------------------------------
+
+
+def test_location_norm_standardises_valid_locations_and_ignores_padding() -> None:
+    torch.manual_seed(0)
+    model = Captioner(tiny_config("soft", init_range=0.5)).train()  # convs not near zero
+    model.alignment.norm.eps = 1e-12  # so the variance comes out 1, not v / (v + eps)
+    videos = [video(16, seed=20), video(48, seed=21)]
+    context = model.prepare(collate(videos, fill=7.0))  # junk in video 0's padding
+    valid = context.locations[context.mask]  # (valid locations, L, F)
+    torch.testing.assert_close(valid.mean(dim=0), torch.zeros(valid.shape[1:]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        valid.var(dim=0, unbiased=False), torch.ones(valid.shape[1:]), atol=1e-3, rtol=0
+    )
+    again = model.prepare(collate(videos, fill=-3.0))
+    torch.testing.assert_close(again.locations, context.locations)  # padding changes nothing
+    norm = model.alignment.norm
+    assert not torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+    # Evaluation uses the running statistics: one video alone is normalised like in a batch.
+    model.eval()
+    alone = model.prepare(videos[1])
+    batched = model.prepare(collate(videos))
+    torch.testing.assert_close(batched.locations[1], alone.locations[0])
+
+
+def test_without_location_norm_features_keep_their_scale() -> None:
+    model = Captioner(tiny_config("pool5", feature_norm="none")).train()
+    features = video(32, seed=22)
+    context = model.prepare(features)
+    raw = rearrange(features.layers["pool5"], "1 f t h w -> (t h w) f")
+    torch.testing.assert_close(context.locations[0, :, 0], raw)
+    assert model.alignment is not None and model.alignment.norm is None
+
+
+def test_fc7_is_standardised_with_the_training_statistics() -> None:
+    model = Captioner(tiny_config("fc7")).eval()
+    generator = torch.Generator().manual_seed(3)
+    training = 5.0 + 2.0 * torch.rand(20, FC_DIM, generator=generator)  # (n, D)
+    training[:, 0] = 1.5  # a dead dimension: constant over the training set
+    model.set_fc7_statistics(training)
+    torch.testing.assert_close(model.fc7_mean, training.mean(0))
+    features = video(16, seed=23)
+    features.fc7 = training[:1]
+    expected = torch.tanh(model.init_hidden((training[:1] - training.mean(0)) / model.fc7_std))
+    torch.testing.assert_close(model.prepare(features).initial_hidden, expected)
+    assert model.fc7_std[0] > 0  # floored, not zero: the dead dimension maps to 0, not NaN
+    assert {"fc7_mean", "fc7_std"} <= set(model.state_dict())  # checkpoints carry them
+    with pytest.raises(CaptionerInputError, match="fc7 statistics"):
+        model.set_fc7_statistics(training[:1])
+    plain = Captioner(tiny_config("fc7", fc7_norm="none")).eval()
+    plain.set_fc7_statistics(training)  # recorded but not applied
+    torch.testing.assert_close(
+        plain.prepare(features).initial_hidden, torch.tanh(plain.init_hidden(training[:1]))
+    )
 
 
 # ---- variable lengths ------------------------------------------------------------------------
@@ -223,7 +279,7 @@ def test_batched_equals_per_video_for_variable_lengths(variant: str) -> None:
 EXPECTED_MODULES = {
     "fc7": set(),
     "pool2": {"alignment", "spatiotemporal"},
-    "pool5": {"spatiotemporal"},  # identity alignment: no parameters
+    "pool5": {"alignment", "spatiotemporal"},  # identity alignment: only the location norm
     "soft": {"alignment", "spatiotemporal", "abstraction"},
     "hard": {"alignment", "spatiotemporal", "abstraction"},
 }
@@ -351,7 +407,10 @@ def test_initialisation_follows_the_notes() -> None:
     model = Captioner(tiny_config("soft", init_range=0.01))
     for name, parameter in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf.startswith("bias"):
+        if name.startswith("alignment.norm."):  # a normalisation starts as the identity map
+            expected = 1.0 if leaf == "gain" else 0.0
+            assert torch.equal(parameter, torch.full_like(parameter, expected)), name
+        elif leaf.startswith("bias"):
             assert torch.equal(parameter, torch.zeros_like(parameter)), name
         elif leaf == "weight_hh":
             for gate in parameter.detach().chunk(4):

@@ -76,6 +76,13 @@ class CaptionerConfig:
     samples: int = 10  # K, layer-choice samples per caption for the hard bound (eq. 10)
     hard_inference: Literal["argmax", "sample"] = "argmax"  # hard layer choice when not training
     init_range: float = 0.01  # non-recurrent weights start U[-init_range, init_range]
+    fc7_norm: Literal["standardize", "none"] = "standardize"  # a_{L+1} z-scored per dimension
+    # ^ with the training set's mean and std (set_fc7_statistics); the paper is silent. Raw fc7
+    #   vectors of different videos are nearly parallel, and C a_{L+1} starts too small to tell
+    #   them apart: without it even the fc7 baseline learns only a language model.
+    feature_norm: Literal["batch", "none"] = "batch"  # aligned channels normalised over locations
+    # ^ the paper is silent; without it the alignment convs outgrow the LSTM and the attention
+    #   stays uniform (see LocationNorm)
     pad_id: int = 0  # token that pads captions to a common length; never predicted
     eos_id: int = 1  # end-of-sentence token; predicted and counted in the loss (eq. 3)
 
@@ -125,6 +132,10 @@ class CaptionerConfig:
             problems.append(f"hard_inference must be 'argmax' or 'sample': {self.hard_inference!r}")
         if self.init_range <= 0:
             problems.append(f"init_range must be positive, got {self.init_range}")
+        if self.fc7_norm not in ("standardize", "none"):
+            problems.append(f"fc7_norm must be 'standardize' or 'none': {self.fc7_norm!r}")
+        if self.feature_norm not in ("batch", "none"):
+            problems.append(f"feature_norm must be 'batch' or 'none': {self.feature_norm!r}")
         return problems
 
     @classmethod
@@ -284,12 +295,88 @@ ALIGNMENT = {
 }
 
 
-class FeatureAlignment(nn.Module):
-    """Eq. 4: â_l = maxpool(ReLU(conv3d(a_l))) for pool2..pool4, â_L = a_L for pool5."""
+class LocationNorm(nn.Module):
+    """Batch normalisation of every aligned channel (l, f) over the valid locations of a batch.
 
-    def __init__(self, layer_channels: dict[str, int], layers: tuple[str, ...], feature_dim: int):
+    Not in the paper, which is silent on feature scales; two failures without it:
+
+    - Adam moves every weight by about the learning rate per step whatever the fan-in, so an
+      alignment conv with fan-in C * k^3 (44k for pool2 at full width) soon outputs features in
+      the tens, which saturate the LSTM gates: the attention variants then learn nothing.
+    - What every location of every video shares (the background's response, a channel's offset)
+      dominates â_i, so W_aα â_i is nearly the same at all locations, tanh saturates on it, and
+      the attention stays uniform (mean pooling). Removing each channel's mean over locations
+      leaves what differs between them, which is what attention must choose by.
+
+    Statistics come from the valid locations of the batch in training and from running averages
+    (buffers, kept in checkpoints) otherwise, so batched and per-video results agree at inference.
+    """
+
+    def __init__(self, n_layers: int, feature_dim: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.gain = nn.Parameter(torch.ones(n_layers, feature_dim))  # (L, F)
+        self.shift = nn.Parameter(torch.zeros(n_layers, feature_dim))  # (L, F)
+        self.register_buffer("running_mean", torch.zeros(n_layers, feature_dim))  # (L, F)
+        self.register_buffer("running_var", torch.ones(n_layers, feature_dim))  # (L, F)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.gain)
+        nn.init.zeros_(self.shift)
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    def forward(self, locations: Tensor, mask: Tensor) -> Tensor:
+        """(B, I, L, F) features, (B, I) valid locations -> (B, I, L, F) normalised."""
+        # Statistics in float32 at least (bf16 under autocast); float64 stays float64.
+        locations = locations.to(torch.promote_types(locations.dtype, torch.float32))
+        if self.training:
+            weight = rearrange(mask, "b i -> b i 1 1").to(locations.dtype)  # (B, I, 1, 1)
+            sums = torch.stack(
+                [
+                    (locations * weight).sum(dim=(0, 1)),  # (L, F)
+                    (locations.square() * weight).sum(dim=(0, 1)),  # (L, F)
+                    weight.sum().expand(locations.shape[2:]),  # (L, F): valid locations
+                ]
+            )  # (3, L, F)
+            sums = _sum_over_ranks(sums)  # data-parallel ranks normalise as one batch
+            count = sums[2]  # (L, F)
+            mean = sums[0] / count  # (L, F)
+            var = (sums[1] / count - mean.square()).clamp_min(0.0)  # (L, F)
+            with torch.no_grad():
+                unbiased = var * count / (count - 1).clamp_min(1.0)
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(unbiased.detach(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        normalised = (locations - mean) * torch.rsqrt(var + self.eps)  # (B, I, L, F)
+        return normalised * self.gain + self.shift
+
+
+def _sum_over_ranks(values: Tensor) -> Tensor:
+    """``values`` summed over the data-parallel ranks (differentiably); as is without DDP."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(values)
+    return values
+
+
+class FeatureAlignment(nn.Module):
+    """Eq. 4: â_l = maxpool(ReLU(conv3d(a_l))) for pool2..pool4, â_L = a_L for pool5; then
+    (``feature_norm="batch"``) every channel normalised over locations (LocationNorm)."""
+
+    def __init__(
+        self,
+        layer_channels: dict[str, int],
+        layers: tuple[str, ...],
+        feature_dim: int,
+        normalise: bool = True,
+    ):
         super().__init__()
         self.layers = layers
+        self.norm = LocationNorm(len(layers), feature_dim) if normalise else None
         self.convs = nn.ModuleDict(
             {
                 name: nn.Conv3d(
@@ -331,6 +418,8 @@ class FeatureAlignment(nn.Module):
             torch.arange(t5, device=n_frames.device) < (n_frames // stride5)[:, None]
         )  # (B, T5)
         mask = repeat(inside, "b t -> b (t h w)", h=h, w=w)  # (B, I)
+        if self.norm is not None:
+            locations = self.norm(locations, mask)  # (B, I, L, F)
         # Past a video's end the conv still sees its bias and the last real steps; zero those
         # locations so that nothing outside the video reaches a later computation.
         locations = locations * rearrange(mask, "b i -> b i 1 1").to(locations.dtype)
@@ -427,7 +516,11 @@ class Captioner(nn.Module):
         # Only what the variant uses is built, so every parameter is trained (fc7: no visual
         # attention at all; a single layer: no layer attention, beta would be constant 1).
         self.alignment = (
-            FeatureAlignment(config.layer_channels, layers, feature_dim) if layers else None
+            FeatureAlignment(
+                config.layer_channels, layers, feature_dim, config.feature_norm == "batch"
+            )
+            if layers
+            else None
         )
         self.spatiotemporal = (
             SpatiotemporalAttention(
@@ -441,6 +534,9 @@ class Captioner(nn.Module):
             if len(layers) > 1
             else None
         )
+        # Training-set statistics of a_{L+1}: buffers, so checkpoints carry them to inference.
+        self.register_buffer("fc7_mean", torch.zeros(config.fc_dim))  # (D,)
+        self.register_buffer("fc7_std", torch.ones(config.fc_dim))  # (D,)
         self.init_hidden = nn.Linear(config.fc_dim, config.hidden_dim)  # C (eq. 1)
         self.embedding = nn.Embedding(config.vocab_size, config.embed_dim)  # W_e
         context_dim = feature_dim if layers else 0
@@ -464,6 +560,8 @@ class Captioner(nn.Module):
                         nn.init.orthogonal_(gate)
                 else:
                     parameter.uniform_(-r, r)
+            if self.alignment is not None and self.alignment.norm is not None:
+                self.alignment.norm.reset_parameters()  # gain 1, shift 0: a plain normalisation
 
     def load_word_vectors(self, word_vectors: Tensor) -> None:
         expected = (self.config.vocab_size, self.config.embed_dim)
@@ -475,6 +573,20 @@ class Captioner(nn.Module):
         with torch.no_grad():
             self.embedding.weight.copy_(word_vectors)
 
+    def set_fc7_statistics(self, fc7: Tensor) -> None:
+        """Standardise a_{L+1} by the mean and std of ``fc7`` (n videos, D), the training set."""
+        if fc7.ndim != 2 or fc7.shape[1] != self.config.fc_dim or fc7.shape[0] < 2:
+            raise CaptionerInputError(
+                f"fc7 statistics need (n >= 2, {self.config.fc_dim}) vectors, "
+                f"got {tuple(fc7.shape)}"
+            )
+        fc7 = fc7.to(device=self.fc7_mean.device, dtype=torch.float64)
+        std = fc7.std(dim=0)  # (D,)
+        # A dimension constant over the training set (a dead ReLU) carries nothing: keep it 0.
+        floor = max(float(std.max()) * 1e-3, 1e-6)
+        self.fc7_mean.copy_(fc7.mean(dim=0))
+        self.fc7_std.copy_(std.clamp_min(floor))
+
     # ---- per-video work ---------------------------------------------------------------------
 
     def prepare(self, features: FeatureBatch) -> Context:
@@ -484,7 +596,10 @@ class Captioner(nn.Module):
         Returns a Context with B rows; ``index_select`` it to the captions or beams.
         """
         self._check_features(features)
-        initial_hidden = torch.tanh(self.init_hidden(features.fc7))  # (B, H): h_1
+        fc7 = features.fc7  # (B, D): a_{L+1}
+        if self.config.fc7_norm == "standardize":
+            fc7 = (fc7 - self.fc7_mean) / self.fc7_std  # (B, D)
+        initial_hidden = torch.tanh(self.init_hidden(fc7))  # (B, H): h_1
         if self.alignment is None:
             return Context(initial_hidden, locations=None, projected=None, mask=None, grid=None)
         locations, mask, grid = self.alignment(features)  # (B, I, L, F), (B, I)
