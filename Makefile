@@ -1,5 +1,5 @@
 # Two commands set up a fresh machine and do everything:
-#   make demo   creates .venv, installs astar, runs the demo pipeline
+#   make demo   creates .venv, installs astar, runs the DVC pipeline (dvc repro) on the demo
 #   make test   creates .venv, installs astar with its test tools, runs lint and the tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,13 +15,14 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,pipeline]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 demo: venv
-	PATH=$(abspath $(BIN)):$$PATH bash pipelines/demo.sh
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc metrics show
 
 lint: venv
 	$(BIN)/ruff check .

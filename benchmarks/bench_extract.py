@@ -43,10 +43,10 @@ def main() -> None:
     paths = [path for _, path in gather_videos([args.videos], ids="name")]
     decode = DecodeConfig(max_frames=args.max_frames)
     config = ExtractConfig(decode=decode, backbone=args.backbone, ids="name")
-    from astar.extract.c3d import _cpu_has_fast_bf16
+    from astar.extract.c3d import cpu_has_fast_bf16
 
     # bf16 without native support (AVX2-only CPUs) falls back to reference kernels, ~100x slower.
-    precisions = ["fp32", "bf16"] if args.bf16 or _cpu_has_fast_bf16() else ["fp32"]
+    precisions = ["fp32", "bf16"] if args.bf16 or cpu_has_fast_bf16() else ["fp32"]
 
     with IsolatedDecoder(decode) as decoder:
         decoded = [result for _, result in decoder.imap(paths)]

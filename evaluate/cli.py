@@ -129,14 +129,16 @@ def _figures(trained, store: Path, dataset: Path, ids, decoded, folder: Path) ->
     from astar.extract.decode import DecodeConfig, decode_video
     from astar.pipelines.datasets import Dataset
 
+    folder.mkdir(parents=True, exist_ok=True)
     if not trained.model.config.attended_layers:
-        click.echo(f"{trained.variant} attends to no location: no attention pictures", err=True)
+        note = f"{trained.variant} attends to no location: no attention pictures"
+        (folder / "README.txt").write_text(note + "\n")  # the folder exists for every variant
+        click.echo(note, err=True)
         return
     videos = Dataset.load(dataset).videos.set_index("id")["path"]
     schema = trained.schema
     config = DecodeConfig(fps=schema.fps, size=schema.size, min_frames=schema.min_frames,
                           max_frames=schema.max_frames)  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
     for vid in ids:
         path = videos.get(vid, "")
         if not path:
@@ -245,6 +247,50 @@ def caption_video(
         raise SystemExit(1)
 
 
+def _metrics_files(runs: tuple[Path, ...], variants: tuple[str, ...]) -> list[Path]:
+    """The metrics.json of each run, a folder of runs expanded into its sub-folders."""
+    from astar.train.model import VARIANTS
+
+    files = []
+    for run in runs:
+        if not run.is_dir() or (run / "metrics.json").exists():
+            files.append(run / "metrics.json" if run.is_dir() else run)
+            continue
+        if variants:
+            names = list(variants)
+        else:
+            found = sorted(p.parent.name for p in run.glob("*/metrics.json"))
+            order = {name: index for index, name in enumerate(VARIANTS)}
+            names = sorted(found, key=lambda name: (order.get(name, len(order)), name))
+        if not names:
+            raise click.ClickException(f"{run}: no metrics.json in it or its sub-folders")
+        files.extend(run / name / "metrics.json" for name in names)
+    return files
+
+
+@click.command("score-references", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option("--split", default="test", show_default=True)
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON to write."
+)
+def score_references(dataset: Path, split: str, out: Path) -> None:
+    """The reference rows of a dataset split (x 100): its own captions scored leave-one-out
+    against the others (the human-agreement ceiling) and the most common training caption
+    given to every video (what a model that ignores the video can reach)."""
+    from astar.pipelines.demo import DemoError, reference_rows
+
+    try:
+        rows = reference_rows(dataset, split)
+    except (*_user_errors(), DemoError) as error:
+        raise click.ClickException(str(error)) from error
+    _write_json(out, rows)
+    table = [{"name": name.replace("_", " "), **values} for name, values in rows.items()]
+    click.echo(markdown_table(table), nl=False)
+
+
 @click.command("report", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -255,15 +301,24 @@ def caption_video(
     help="JSON of extra rows {name: {metric: value}} (e.g. the demo's reference rows).",
 )
 @click.option(
+    "--variants",
+    multiple=True,
+    help="Rows of a folder of evaluations: its sub-folders of these names, in this order "
+    "(repeatable; default: every sub-folder with metrics.json, in the paper's order).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write report.md and report.json here.",
 )
-def report(runs: tuple[Path, ...], references: tuple[Path, ...], out: Path | None) -> None:
-    """The paper-style table of evaluated RUNS (folders with metrics.json, or the files)."""
+def report(
+    runs: tuple[Path, ...], references: tuple[Path, ...], variants: tuple[str, ...],
+    out: Path | None,
+) -> None:  # fmt: skip
+    """The paper-style table of evaluated RUNS: evaluation folders (with metrics.json), metrics
+    files, or folders of evaluation folders (one row per sub-folder, see --variants)."""
     rows = []
-    for run in runs:
-        path = run / "metrics.json" if run.is_dir() else run
+    for path in _metrics_files(runs, variants):
         try:
             metrics = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
@@ -272,7 +327,10 @@ def report(runs: tuple[Path, ...], references: tuple[Path, ...], out: Path | Non
         if missing:
             raise click.ClickException(f"{path}: no {', '.join(missing)} in the metrics")
         rows.append(
-            {"name": metrics.get("name") or run.stem, **{m: metrics[m] for m in TABLE_METRICS}}
+            {
+                "name": metrics.get("name") or path.parent.name,
+                **{m: metrics[m] for m in TABLE_METRICS},
+            }
         )
     for reference in references:
         extra = json.loads(reference.read_text())

@@ -407,7 +407,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN runs bf16 convolutions on this CPU (AVX-512 BW/VL/DQ or better)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -441,7 +441,7 @@ class C3DExtractor:
             torch.channels_last_3d if self.device.type == "cpu" else torch.contiguous_format
         )
         self.model = model.to(self.device, memory_format=self.memory_format)
-        if precision == "bf16" and self.device.type == "cpu" and not _cpu_has_fast_bf16():
+        if precision == "bf16" and self.device.type == "cpu" and not cpu_has_fast_bf16():
             log.warning(
                 "bf16 on this CPU has no oneDNN support and falls back to PyTorch's reference "
                 "convolution, two orders of magnitude slower than fp32 (measured on AVX2); use fp32"

@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from astar.extract.decode import DecodeConfig
-from astar.extract.runner import ExtractConfig, InputError, extract_features
+from astar.extract.runner import (
+    ExtractConfig,
+    InputError,
+    extract_features,
+    remove_store,
+    restart_reason,
+)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -38,8 +44,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 )
 @click.option(
     "--weights",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Sports-1M C3D state dict (.pickle/.pt or .safetensors). Default: seeded random init.",
+    default="random",
+    show_default=True,
+    help="Sports-1M C3D state dict (.pickle/.pt or .safetensors), or 'random': a seeded init.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random init.")
 @click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda when available.")
@@ -68,6 +75,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @click.option(
     "--timeout", default=120.0, show_default=True, help="Seconds allowed to decode one video."
 )
+@click.option(
+    "--resume-or-restart",
+    is_flag=True,
+    help="For pipelines that rerun a step only when something changed (dvc repro): resume a "
+    "store left unfinished with the same settings, otherwise delete the store at OUT and "
+    "extract again from scratch.",
+)
 @click.option("--strict", is_flag=True, help="Exit non-zero when any video fails.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="Log details.")
@@ -79,7 +93,7 @@ def main(
     min_frames: int,
     max_frames: int,
     backbone: str,
-    weights: Path | None,
+    weights: str,
     seed: int,
     device: str | None,
     precision: str,
@@ -90,6 +104,7 @@ def main(
     workers: int,
     dask_address: str | None,
     timeout: float,
+    resume_or_restart: bool,
     strict: bool,
     quiet: bool,
     verbose: bool,
@@ -114,6 +129,9 @@ def main(
         )
     if max_frames and max_frames < min_frames:
         raise click.UsageError(f"--max-frames {max_frames} is below --min-frames {min_frames}")
+    weights_path = None if weights == "random" else Path(weights)
+    if weights_path is not None and not weights_path.is_file():
+        raise click.BadParameter(f"{weights}: no such file", param_hint="--weights")
     config = ExtractConfig(
         decode=DecodeConfig(
             fps=fps,
@@ -123,7 +141,7 @@ def main(
             timeout_s=timeout,
         ),
         backbone=backbone,
-        weights=weights,
+        weights=weights_path,
         seed=seed,
         device=device,
         precision=precision,
@@ -135,6 +153,11 @@ def main(
         dask=dask_address,
     )
     try:
+        if resume_or_restart:
+            reason = restart_reason(out, config)
+            if reason:
+                click.echo(f"{out}: {reason}: extracting again from scratch", err=True)
+                remove_store(out)
         summary, store = extract_features(videos, out, config, progress=not quiet)
     except _user_errors() as error:
         raise click.ClickException(str(error)) from error

@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import threading
 import time
 from collections import Counter
@@ -484,6 +485,32 @@ def _extract_in_workers(
     return summary
 
 
+def restart_reason(out: str | Path, config: ExtractConfig) -> str:
+    """Why a pipeline's rerun should not resume the store at ``out`` ("" to resume it).
+
+    A pipeline reruns extraction only when an input, a setting or the code changed, so only a
+    store left unfinished (a killed run) with the very same settings is resumed; a complete one
+    or one made otherwise is redone.
+    """
+    out = Path(out)
+    if not (out / "zarr.json").exists():
+        return ""
+    store = FeatureStore.open(out)
+    differences = store.schema.differences(build_schema(config, make_extractor(config)))
+    if differences:
+        return "the store was made with other settings (" + "; ".join(differences) + ")"
+    if not store.pending():
+        return "the store is complete, so something it was made from changed"
+    return ""
+
+
+def remove_store(out: str | Path) -> None:
+    """Delete the feature store at ``out``, refusing a folder that is not one."""
+    out = Path(out)
+    FeatureStore.open(out)  # raises StoreError unless it is a store
+    shutil.rmtree(out)
+
+
 __all__ = [
     "FEATURE_ERROR",
     "VIDEO_EXTENSIONS",
@@ -494,4 +521,6 @@ __all__ = [
     "extract_features",
     "extract_partition",
     "gather_videos",
+    "remove_store",
+    "restart_reason",
 ]

@@ -15,10 +15,13 @@ from typing import Any
 import click
 
 from astar.pipelines.datasets import (
+    FOLDER_KINDS,
+    FOLDER_LAYOUTS,
     Annotations,
     Dataset,
     DatasetError,
     PrepareConfig,
+    read_folder,
     read_generic,
     read_msrvtt_official,
     read_msrvtt_sentences,
@@ -108,12 +111,15 @@ def _prepare_options(command: Callable[..., Any]) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> None:
         try:
+            annotations = command(**kwargs)
+            if isinstance(annotations, tuple):  # a folder: its own videos/ unless --videos
+                annotations, found = annotations
+                videos = videos or found
             config = PrepareConfig(
                 videos_dir=videos,
                 strict=strict,
                 vocab=VocabConfig(min_count=min_count, source=vocab_source, max_length=max_length),
             )
-            annotations = command(**kwargs)
             dataset = build_dataset(annotations, config)
             dataset.save(out)
         except (DatasetError, VocabularyError) as error:
@@ -217,6 +223,30 @@ def mvad(
 def generic(captions: Path, split_seed: int) -> Annotations:
     """Your own captions: CSV (video_id, caption[, split]) or JSON; videos are found by id."""
     return read_generic(captions, seed=split_seed)
+
+
+_FOLDER_HELP = (
+    "A dataset FOLDER in the standard layout of KIND: its annotation files under their usual "
+    "names and the videos in FOLDER/videos/ (any sub-folders). What `dvc repro` runs.\n\n\b\n"
+    + "\n".join(f"{kind}: {layout}" for kind, layout in FOLDER_LAYOUTS.items())
+)
+
+
+@prepare_dataset.command(context_settings=_CONTEXT, help=_FOLDER_HELP)
+@click.argument("kind", type=click.Choice(FOLDER_KINDS))
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--scheme",
+    type=click.Choice(["standard", "paper"]),
+    default="standard",
+    show_default=True,
+    help="MSR-VTT from videodatainfo.json: the official splits or the paper's.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of drawn splits (paper, generic).")
+@_prepare_options
+def folder(kind: str, folder: Path, scheme: str, seed: int) -> tuple[Annotations, Path | None]:
+    options = {"msrvtt": {"scheme": scheme, "seed": seed}, "generic": {"seed": seed}}
+    return read_folder(kind, folder, **options.get(kind, {}))
 
 
 @click.command(context_settings=_CONTEXT)

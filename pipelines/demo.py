@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import math
-import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -459,39 +458,6 @@ def most_common_caption(dataset: Dataset, split: str = "train") -> str:
     return min(counts, key=lambda caption: (-counts[caption], caption))
 
 
-def _coco_scores(
-    rows: dict[str, tuple[dict[str, list[str]], dict[str, str]]],
-) -> dict[str, dict[str, float]]:
-    """BLEU-4, METEOR, ROUGE-L, CIDEr-D x 100 per row of (references, predictions).
-
-    pycocoevalcap's own scorers and PTB tokenizer. One tokenizer run and one METEOR process
-    serve all rows: METEOR's start (loading its paraphrase tables) takes seconds.
-    """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    # Keys "row/kind/key": tokenising is per caption, so sharing one run changes nothing.
-    combined = {}
-    for name, (references, predictions) in rows.items():
-        for key, captions in references.items():
-            combined[f"{name}/ref/{key}"] = [{"caption": c} for c in captions]
-            combined[f"{name}/hyp/{key}"] = [{"caption": predictions[key]}]
-    tokens = PTBTokenizer().tokenize(combined)
-    meteor = Meteor()
-    scores: dict[str, dict[str, float]] = {}
-    for name, (references, _) in rows.items():
-        gts = {key: tokens[f"{name}/ref/{key}"] for key in references}
-        res = {key: tokens[f"{name}/hyp/{key}"] for key in references}
-        values = {"BLEU-4": Bleu(4).compute_score(gts, res, verbose=0)[0][3]}
-        for metric, scorer in (("METEOR", meteor), ("ROUGE_L", Rouge()), ("CIDEr", Cider())):
-            values[metric] = scorer.compute_score(gts, res)[0]
-        scores[name] = {metric: round(100.0 * float(v), 2) for metric, v in values.items()}
-    return scores
-
-
 def reference_rows(dataset_dir: str | Path, split: str = "test") -> dict[str, dict[str, float]]:
     """Scores x 100 of the two reference points on ``split`` of a prepared dataset.
 
@@ -501,8 +467,9 @@ def reference_rows(dataset_dir: str | Path, split: str = "test") -> dict[str, di
     against all of them can exceed it). ``most_common_caption``: every video gets the most
     frequent training caption, scored against all its captions.
     """
-    if shutil.which("java") is None:
-        raise DemoError("scoring needs Java 17+ on PATH (the PTB tokenizer and METEOR)")
+    from astar.evaluate.cli import TABLE_METRICS
+    from astar.evaluate.metrics import score_captions
+
     dataset = Dataset.load(dataset_dir)
     references = dataset.captions_by_video(split)
     held_out_refs: dict[str, list[str]] = {}
@@ -517,9 +484,12 @@ def reference_rows(dataset_dir: str | Path, split: str = "test") -> dict[str, di
     if not held_out:
         raise DemoError(f"{dataset_dir}: no {split} video has two captions to leave one out")
     constant = most_common_caption(dataset)
-    return _coco_scores(
-        {
-            "leave_one_out": (held_out_refs, held_out),
-            "most_common_caption": (references, dict.fromkeys(references, constant)),
-        }
-    )
+    rows = {
+        "leave_one_out": (held_out, held_out_refs),
+        "most_common_caption": (dict.fromkeys(references, constant), references),
+    }
+    scores = {}
+    for name, (predictions, refs) in rows.items():
+        corpus = score_captions(predictions, refs).corpus
+        scores[name] = {metric: round(float(corpus[metric]), 2) for metric in TABLE_METRICS}
+    return scores

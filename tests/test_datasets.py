@@ -11,10 +11,12 @@ from click.testing import CliRunner
 
 from astar.pipelines.cli import prepare_dataset as prepare_cli
 from astar.pipelines.datasets import (
+    SPLITS,
     Dataset,
     DatasetError,
     PrepareConfig,
     prepare_dataset,
+    read_folder,
     read_generic,
     read_msrvtt_official,
     read_msrvtt_sentences,
@@ -526,3 +528,53 @@ def test_msvd_mapping_split_boundaries(tmp_path):
     videos = prepare_dataset(read_msvd_sents([sents], mapping)).videos
     assert list(videos["split"]) == ["train", "val", "val", "test"]
     assert np.all(videos["path"] == "")  # no videos directory given
+
+
+# ---- folders in their standard layout (what the DVC pipeline reads) -----------------------------
+
+
+def test_folder_msvd_from_the_real_files(shared_data, tmp_path):
+    folder = tmp_path / "msvd"
+    folder.mkdir()
+    for name in ("youtube_mapping.txt", *(f"sents_{s}_lc_nopunc.txt" for s in SPLITS)):
+        (folder / name).symlink_to(shared_data / "msvd" / name)
+    write(folder / "videos" / "sub" / "-4wsuPCjDBc_5_15.avi", "x")  # vid1, a train clip
+    result = CliRunner().invoke(
+        prepare_cli, ["folder", "msvd", str(folder), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    dataset = Dataset.load(tmp_path / "o")
+    counts = {split: dataset.summary["splits"][split]["videos"] for split in SPLITS}
+    assert counts == {"train": 1200, "val": 100, "test": 670}
+    assert dataset.summary["splits"]["train"]["videos_on_disk"] == 1
+    assert list(dataset.video_files()["id"]) == ["vid1"]
+
+
+def test_folder_msrvtt_per_split_files_and_generic(shared_data, tmp_path):
+    folder = tmp_path / "msrvtt"
+    folder.mkdir()
+    for name in ("val.json", "test.json"):
+        (folder / name).symlink_to(shared_data / "msrvtt" / name)
+    annotations, videos = read_folder("msrvtt", folder)
+    dataset = prepare_dataset(annotations, PrepareConfig(vocab=VocabConfig(source="paper")))
+    assert dataset.summary["splits"]["val"]["videos"] == 497 and videos is None
+
+    mine = tmp_path / "mine"
+    generic_csv(mine, ["v1,a cat,train", "v2,a dog,test"]).rename(mine / "annotations.csv")
+    write(mine / "videos" / "v1.mp4", "x")
+    annotations, videos = read_folder("generic", mine)
+    assert videos == mine / "videos"
+    assert prepare_dataset(annotations, PrepareConfig(videos_dir=videos)).summary["videos"] == 2
+
+
+def test_folder_errors_name_the_folder_and_the_layout(tmp_path):
+    with pytest.raises(DatasetError, match=r"no youtube_mapping.txt; a msvd folder holds"):
+        read_folder("msvd", tmp_path)
+    with pytest.raises(DatasetError, match="no such folder"):
+        read_folder("generic", tmp_path / "absent")
+    (tmp_path / "train_a.tsv").write_text("")
+    (tmp_path / "training_b.tsv").write_text("")
+    with pytest.raises(DatasetError, match="two annotation files for the train split"):
+        read_folder("mvad", tmp_path)
+    result = CliRunner().invoke(prepare_cli, ["folder", "generic", str(tmp_path), "--out", "x"])
+    assert result.exit_code == 1 and "annotations.csv" in result.output

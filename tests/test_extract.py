@@ -128,6 +128,43 @@ def test_schema_mismatch_refused(clips: Path, tmp_path: Path):
     assert "fps" in result.output
 
 
+def test_resume_or_restart_redoes_complete_or_other_stores(clips: Path, tmp_path: Path):
+    """What `dvc repro` relies on: a rerun means something changed, unless the run was cut."""
+    out = tmp_path / "store"
+    args = [str(clips), "--out", str(out), *SMALL, "--resume-or-restart"]
+    assert CliRunner().invoke(extract_cli, args).exit_code == 0
+    again = CliRunner().invoke(extract_cli, args)  # complete: extracted again, not skipped
+    assert again.exit_code == 0, again.output
+    assert "complete" in again.output and "ok 6" in again.output and "skipped 0" in again.output
+    other = CliRunner().invoke(extract_cli, [*args, "--fps", "3"])  # other settings: replaced
+    assert other.exit_code == 0, other.output
+    assert "other settings" in other.output and FeatureStore.open(out).schema.fps == 3.0
+
+    # Cut short (a partition still staged): resumed, not restarted.
+    store = FeatureStore.open(out)
+    part = store.partitions[0]
+    shutil.rmtree(out / "partitions" / part.name)
+    assert [p.name for p in store.pending()] == [part.name]
+    resumed = CliRunner().invoke(extract_cli, [*args, "--fps", "3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "from scratch" not in resumed.output
+    assert f"ok {len(part.videos)}," in resumed.output
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a store")
+    refused = CliRunner().invoke(
+        extract_cli, [str(clips), "--out", str(tmp_path / "other"), *SMALL, "--resume-or-restart"]
+    )
+    assert refused.exit_code == 1 and (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_weights_random_or_a_file(clips: Path, tmp_path: Path):
+    missing = CliRunner().invoke(
+        extract_cli, [str(clips), "--out", str(tmp_path / "s"), *SMALL, "--weights", "no.pt"]
+    )
+    assert missing.exit_code == 2 and "no.pt" in missing.output
+
+
 @pytest.mark.slow
 def test_workers_give_the_same_store(clips: Path, tmp_path: Path):
     one, two = tmp_path / "one", tmp_path / "two"

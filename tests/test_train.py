@@ -134,6 +134,56 @@ def test_cli_trains_logs_and_refuses_to_overwrite(tiny_corpus, tmp_path):
     assert bad.exit_code == 1 and "learning_rat" in bad.output
 
 
+def test_resume_or_restart_continues_only_unfinished_runs(tiny_corpus, tmp_path):
+    """What `dvc repro` relies on: a rerun means something changed, unless the run was cut."""
+    store, dataset = tiny_corpus()
+    run = tmp_path / "run"
+    params = _params(tmp_path, videos_per_batch=2, captions_per_video=2, max_epochs=1)
+    args = ["--store", str(store), "--dataset", str(dataset), "--out", str(run)]
+    args += ["--variant", "pool5", "--params", str(params), "--resume-or-restart"]
+
+    cut = CliRunner().invoke(train_cli, [*args, "--max-steps", "2"])  # stopped: max steps
+    assert cut.exit_code == 0, cut.output
+    # Same settings but "max steps" is a finish too: changing max_steps is a change.
+    finished = CliRunner().invoke(train_cli, args)
+    assert finished.exit_code == 0, finished.output
+    assert "finished (max steps)" in finished.output and "from scratch" in finished.output
+    steps = [json.loads(line)["step"] for line in (run / "metrics/train.jsonl").open()]
+    assert steps == list(range(1, len(steps) + 1))  # one fresh log, not appended to
+
+    # Killed mid-run: last.pt says not stopped; the rerun resumes it.
+    payload = load_checkpoint(run / "last.pt")
+    payload["state"].update(stopped="", epoch=0, batch=1, step=1)
+    torch.save(payload, run / "last.pt")
+    resumed = CliRunner().invoke(train_cli, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "from scratch" not in resumed.output
+    assert load_checkpoint(run / "last.pt")["state"]["step"] == len(steps)
+
+    # Unfinished but with other settings: restarted.
+    payload = load_checkpoint(run / "last.pt")
+    payload["state"].update(stopped="", epoch=0, batch=1, step=1)
+    torch.save(payload, run / "last.pt")
+    other = _params(tmp_path / "run", videos_per_batch=2, captions_per_video=2, max_epochs=1,
+                    learning_rate=0.01)  # fmt: skip
+    changed = CliRunner().invoke(train_cli, [*args[:-2], str(other), "--resume-or-restart"])
+    assert changed.exit_code == 0, changed.output
+    assert "training settings differ" in changed.output
+    assert (run / "curves/train.csv").read_text().startswith("step,epoch,loss")
+
+
+def test_trainer_standardises_fc7_with_the_training_videos(tiny_corpus, tmp_path):
+    from astar.train.loop import fc7_vectors
+
+    store, dataset = tiny_corpus(splits=("train", "train", "val"))
+    trainer = _trainer(store, dataset, tmp_path / "run", "fc7")
+    train_ids = sorted(Dataset.load(dataset).encoded_captions("train"))
+    vectors = fc7_vectors(FeatureStore.open(store), train_ids)  # (n, D)
+    assert vectors.shape[0] == len(train_ids) == 4
+    torch.testing.assert_close(trainer.model.fc7_mean, vectors.mean(0))
+    torch.testing.assert_close(trainer.model.fc7_std, vectors.std(0))
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -125,8 +125,14 @@ def make_validator(store, dataset, split: str, max_length: int, batch_videos: in
     help="word2vec binary/text or GloVe file to initialise the embedding.",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt exactly where it stopped.")
+@click.option(
+    "--resume-or-restart",
+    is_flag=True,
+    help="For pipelines that rerun a step only when something changed (dvc repro): resume a "
+    "run OUT left unfinished with the same settings and data, otherwise start OUT afresh.",
+)
 @click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda when available.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None)
 @click.option("--epochs", "max_epochs", type=int, default=None)
 @click.option("--max-steps", type=int, default=None)
 @click.option("--seed", type=int, default=None)
@@ -140,6 +146,7 @@ def main(
     preset: str,
     word_vectors: Path | None,
     resume: bool,
+    resume_or_restart: bool,
     device: str | None,
     precision: str | None,
     max_epochs: int | None,
@@ -151,7 +158,7 @@ def main(
     from astar.pipelines.datasets import Dataset, DatasetError
     from astar.store import FeatureStore, StoreError
     from astar.train.checkpoint import CheckpointError
-    from astar.train.loop import CaptionData, Trainer, store_layers
+    from astar.train.loop import CaptionData, Trainer, clear_run, store_layers
     from astar.train.vocab import VocabularyError
     from astar.train.wordvec import WordVectorsError
 
@@ -203,6 +210,14 @@ def main(
             else None
         )
         trainer = Trainer(feature_store, data, model_config, config, out, vectors, validate)
+        if resume_or_restart and (out / "last.pt").exists():
+            reason = trainer.restart_reason(out / "last.pt")
+            if reason and trainer.rank == 0:
+                click.echo(f"{out}: {reason}: training again from scratch", err=True)
+                clear_run(out)
+            if trainer.world_size > 1:
+                torch.distributed.barrier()  # nobody reads OUT while rank 0 clears it
+            resume = not reason
         if resume and (out / "last.pt").exists():
             trainer.resume(out / "last.pt")
         elif (out / "last.pt").exists():

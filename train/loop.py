@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,7 +60,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between last.pt writes (and after every epoch)
     seed: int = 0  # data order, initialisation, dropout
     device: str | None = None  # None: cuda when available
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "auto": bf16 where it is fast
     cache_videos: int = 0  # keep this many videos' features in memory (0: stream every read)
     prefetch: int = 2  # batches read ahead of the one computing
     max_steps: int | None = None  # stop after this many steps in total (tests, smoke runs)
@@ -124,6 +125,29 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "auto" -> "bf16" on a GPU that has it or a CPU with native bf16 kernels, else "fp32"."""
+    if precision in ("fp32", "bf16"):
+        return precision
+    if precision != "auto":
+        raise TrainingError(f"precision must be fp32, bf16 or auto, not {precision!r}")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    from astar.extract.c3d import cpu_has_fast_bf16
+
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+def fc7_vectors(store: FeatureStore, ids: list[str], chunk: int = 256) -> torch.Tensor:
+    """(n, D): each video's mean fc7 vector (a_{L+1}), reading the fc7 layer only."""
+    vectors = []
+    for start in range(0, len(ids), chunk):
+        for record in store.read_batch(ids[start : start + chunk], layers=("fc7",)):
+            clips = torch.from_numpy(np.asarray(record.layers["fc7"], dtype=np.float32))
+            vectors.append(clips.mean(dim=0))  # (D,)
+    return torch.stack(vectors)  # (n, D)
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -157,7 +181,10 @@ class Trainer:
             )
         torch.manual_seed(config.seed)
         self.model_config = model_config
+        self.precision = resolve_precision(config.precision, self.device)
         self.model = Captioner(model_config, word_vectors).to(self.device)
+        if model_config.fc7_norm == "standardize":  # a resumed run loads them with the model
+            self.model.set_fc7_statistics(fc7_vectors(store, sorted(data.train)))
         self.ddp = (
             nn.parallel.DistributedDataParallel(self.model) if self.world_size > 1 else self.model
         )
@@ -184,9 +211,7 @@ class Trainer:
     def payload(self) -> dict[str, Any]:
         return {
             "model_config": self.model_config.to_dict(),
-            "train_config": {
-                k: str(v) if isinstance(v, Path) else v for k, v in self.config.to_dict().items()
-            },
+            "train_config": self.payload_train_config(),
             "vocabulary": self.data.vocabulary,
             "store_schema": self.store.schema.to_dict(),
             "model": self.model.state_dict(),
@@ -199,14 +224,35 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(self.out / name, self.payload())
 
-    def resume(self, path: Path) -> None:
-        payload = load_checkpoint(path, map_location=self.device)
+    def _mismatches(self, payload: dict[str, Any]) -> list[str]:
         problems = compatibility_problems(payload, self.store, self.data.vocabulary)
         saved_config = CaptionerConfig.from_dict(payload["model_config"])
         if saved_config != self.model_config:
             problems.append(
                 f"model config: checkpoint {saved_config}, requested {self.model_config}"
             )
+        return problems
+
+    def restart_reason(self, path: Path) -> str:
+        """Why a pipeline's rerun should start this run afresh rather than resume ``path``.
+
+        A pipeline reruns training only when an input, a setting or the code changed: only a
+        run left unfinished (killed) with the same settings and data is resumed.
+        """
+        payload = load_checkpoint(path, map_location="cpu")
+        if payload["state"].get("stopped"):
+            return f"the run finished ({payload['state']['stopped']}), so something it used changed"
+        problems = self._mismatches(payload)
+        if payload.get("train_config") != self.payload_train_config():
+            problems.append("the training settings differ")
+        return "; ".join(problems)
+
+    def payload_train_config(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.config.to_dict().items()}
+
+    def resume(self, path: Path) -> None:
+        payload = load_checkpoint(path, map_location=self.device)
+        problems = self._mismatches(payload)
         if problems:
             raise TrainingError(f"{path} does not match this run:\n  " + "\n  ".join(problems))
         self.model.load_state_dict(payload["model"])
@@ -229,7 +275,7 @@ class Trainer:
         """One optimizer step; returns the mean loss over the global batch's captions."""
         self.ddp.train()
         batch = batch.to(self.device)
-        with _autocast(self.device, self.config.precision):
+        with _autocast(self.device, self.precision):
             result = self._loss(batch)
         # DDP averages gradients over ranks: scale so the average is the global-batch mean.
         total = result.per_caption.sum() * weight
@@ -295,6 +341,8 @@ class Trainer:
                 self._validation(state)
             self.save("last.pt")
         progress.close()
+        if self.rank == 0:
+            write_curves(self.out / "metrics", self.out / "curves")
         return state
 
     def _validation(self, state: TrainState) -> None:
@@ -324,6 +372,38 @@ class Trainer:
         )
 
 
+RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics", "curves")  # what a run writes
+
+
+def clear_run(out: str | Path) -> None:
+    """Remove what a run wrote in ``out`` (and nothing else), so that it starts afresh."""
+    import shutil
+
+    out = Path(out)
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def write_curves(metrics: Path, curves: Path) -> None:
+    """The JSON-lines logs as CSV tables (``dvc plots`` reads CSV, not JSON lines)."""
+    import pandas as pd
+
+    curves.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "val"):
+        log_file = metrics / f"{name}.jsonl"
+        rows = (
+            [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+            if log_file.exists()
+            else []
+        )
+        table = pd.DataFrame(rows)
+        (curves / f"{name}.csv").write_text(table.to_csv(index=False))
+
+
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -349,7 +429,9 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingError",
+    "clear_run",
     "compatibility_problems",
     "init_distributed",
     "store_layers",
+    "write_curves",
 ]
