@@ -1,7 +1,8 @@
 """The DVC pipeline (dvc.yaml + params.yaml) end to end on a tiny demo, through `dvc repro`.
 
 The repository's own dvc.yaml, .dvc/config and code folders are copied into a scratch project
-(no git), and params.yaml is the repository's with smaller sizes, so what runs is what users run.
+(a git repository of its own), and params.yaml is the repository's with smaller sizes, so what
+runs is what users run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ VARIANTS = ["fc7", "soft", "hard"]
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the tokenizer need Java"),
+    pytest.mark.skipif(shutil.which("git") is None, reason="the pipeline runs in a git checkout"),
 ]
 
 
@@ -65,7 +67,8 @@ def project(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "weights", project / "data" / "weights")
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
-    _dvc(project, "init", "--no-scm", "-q")
+    subprocess.run(["git", "init", "-q", str(project)], check=True)  # as in the repository
+    _dvc(project, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
     _tiny_params(project)
     return project

@@ -223,3 +223,21 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tiny_corpus, tm
     assert one[0] != one[-1]  # training moved
     assert two == pytest.approx(one, rel=1e-4)
     assert json.loads((double / "config.json").read_text())["world_size"] == 2
+
+
+def test_cli_word_vectors_none_or_a_file(tiny_corpus, tmp_path):
+    store, dataset = tiny_corpus()
+    params = _params(tmp_path, videos_per_batch=2, captions_per_video=2, max_steps=1)
+    args = ["--store", str(store), "--dataset", str(dataset), "--variant", "fc7"]
+    args += ["--params", str(params)]
+    vectors = tmp_path / "glove.txt"
+    vectors.write_text("red " + " ".join(["0.5"] * 8) + "\nball " + " ".join(["-0.25"] * 8) + "\n")
+    result = CliRunner().invoke(
+        train_cli, [*args, "--out", str(tmp_path / "a"), "--word-vectors", str(vectors)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2/13 vocabulary rows found" in result.output
+    missing = CliRunner().invoke(
+        train_cli, [*args, "--out", str(tmp_path / "b"), "--word-vectors", "absent.bin"]
+    )
+    assert missing.exit_code == 2 and "absent.bin" in missing.output

@@ -121,8 +121,9 @@ def make_validator(store, dataset, split: str, max_length: int, batch_videos: in
 )
 @click.option(
     "--word-vectors",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="word2vec binary/text or GloVe file to initialise the embedding.",
+    default="none",
+    show_default=True,
+    help="word2vec binary/text or GloVe file to initialise the embedding, or 'none'.",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt exactly where it stopped.")
 @click.option(
@@ -144,7 +145,7 @@ def main(
     variant: str,
     params: Path | None,
     preset: str,
-    word_vectors: Path | None,
+    word_vectors: str,
     resume: bool,
     resume_or_restart: bool,
     device: str | None,
@@ -189,11 +190,15 @@ def main(
             preset, variant, len(data_set.vocabulary), channels, fc_dim, model_values
         )
         vectors = None
-        if word_vectors is not None:
+        if word_vectors != "none":
             from astar.train.wordvec import load_word_vectors
 
+            if not Path(word_vectors).is_file():
+                raise click.BadParameter(
+                    f"{word_vectors}: no such file", param_hint="--word-vectors"
+                )
             loaded = load_word_vectors(
-                word_vectors, data_set.vocabulary, dim=model_config.embed_dim
+                Path(word_vectors), data_set.vocabulary, dim=model_config.embed_dim
             )
             click.echo(loaded.describe(), err=True)
             vectors = torch.as_tensor(loaded.matrix)
