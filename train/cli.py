@@ -215,14 +215,16 @@ def main(
             else None
         )
         trainer = Trainer(feature_store, data, model_config, config, out, vectors, validate)
-        if resume_or_restart and (out / "last.pt").exists():
-            reason = trainer.restart_reason(out / "last.pt")
-            if reason and trainer.rank == 0:
-                click.echo(f"{out}: {reason}: training again from scratch", err=True)
-                clear_run(out)
+        if resume_or_restart:
+            checkpoint = out / "last.pt"
+            reason = trainer.restart_reason(checkpoint) if checkpoint.exists() else ""
+            resume = checkpoint.exists() and not reason
+            if not resume and trainer.rank == 0:
+                if reason:
+                    click.echo(f"{out}: {reason}: training again from scratch", err=True)
+                clear_run(out)  # also the logs of a run killed before its first checkpoint
             if trainer.world_size > 1:
                 torch.distributed.barrier()  # nobody reads OUT while rank 0 clears it
-            resume = not reason
         if resume and (out / "last.pt").exists():
             trainer.resume(out / "last.pt")
         elif (out / "last.pt").exists():
