@@ -11,14 +11,37 @@ from pathlib import Path
 import numpy as np
 
 # codec -> (pixel format, encoder options). The lossless ones let tests compare decoded frames
-# with what was written, bit for bit.
+# with what was written, bit for bit. x264 runs on one thread: with several, the same frames
+# were seen to encode to different bytes (and decode to different pixels) from run to run.
 CODECS: dict[str, tuple[str, dict[str, str]]] = {
-    "libx264": ("yuv420p", {"crf": "18", "preset": "veryfast"}),
-    "libx264rgb": ("rgb24", {"qp": "0", "preset": "veryfast"}),  # lossless
+    "libx264": ("yuv420p", {"crf": "18", "preset": "veryfast", "threads": "1"}),
+    "libx264rgb": ("rgb24", {"qp": "0", "preset": "veryfast", "threads": "1"}),  # lossless
     "ffv1": ("bgr0", {}),  # lossless
     "mpeg4": ("yuv420p", {"qscale": "2"}),
     "mjpeg": ("yuvj420p", {}),
 }
+
+
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> the (3H/2, W) planar yuv420p layout, BT.601 limited range.
+
+    Done here rather than by libswscale, whose conversion of the same frame was seen to differ
+    from run to run (its code path depends on buffer alignment), so that a seed always gives
+    the same video bytes.
+    """
+    rgb = frame.astype(np.float64) / 255.0  # (H, W, 3)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + 65.481 * r + 128.553 * g + 24.966 * b  # (H, W)
+    cb = 128.0 - 37.797 * r - 74.203 * g + 112.0 * b
+    cr = 128.0 + 112.0 * r - 93.786 * g - 18.214 * b
+    height, width = y.shape
+
+    def subsample(plane: np.ndarray) -> np.ndarray:  # (H, W) -> (H/2, W/2), 2 x 2 means
+        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+
+    chroma = [subsample(c).reshape(height // 4, width) for c in (cb, cr)]  # (H/4, W) each
+    planes = np.concatenate([y, *chroma])  # (3H/2, W)
+    return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
 
 
 def write_video(
@@ -48,8 +71,14 @@ def write_video(
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.options = dict(options)
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        stream.thread_count = 1  # see CODECS: one encoder thread, the same bytes every run
+        for index, frame in enumerate(frames):
+            if pix_fmt == "yuv420p":
+                picture = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+            else:
+                picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts = index  # explicit timestamps, in frames (the stream's time base)
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
