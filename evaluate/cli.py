@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-TABLE_METRICS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
+from astar.evaluate.metrics import TABLE_METRICS
+
 TABLE_HEADER = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
@@ -280,11 +281,11 @@ def score_references(dataset: Path, split: str, out: Path) -> None:
     """The reference rows of a dataset split (x 100): its own captions scored leave-one-out
     against the others (the human-agreement ceiling) and the most common training caption
     given to every video (what a model that ignores the video can reach)."""
-    from astar.pipelines.demo import DemoError, reference_rows
+    from astar.evaluate.references import reference_rows
 
     try:
         rows = reference_rows(dataset, split)
-    except (*_user_errors(), DemoError) as error:
+    except _user_errors() as error:
         raise click.ClickException(str(error)) from error
     _write_json(out, rows)
     table = [{"name": name.replace("_", " "), **values} for name, values in rows.items()]
@@ -328,7 +329,8 @@ def report(
             raise click.ClickException(f"{path}: no {', '.join(missing)} in the metrics")
         rows.append(
             {
-                "name": metrics.get("name") or path.parent.name,
+                "name": metrics.get("name")
+                or (path.parent.name if path.name == "metrics.json" else path.stem),
                 **{m: metrics[m] for m in TABLE_METRICS},
             }
         )

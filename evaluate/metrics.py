@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "EMPTY_PREDICTION",
     "METRICS",
+    "TABLE_METRICS",
     "MetricsError",
     "Scores",
     "check_java",
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
+TABLE_METRICS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr")  # the columns of the paper's tables
 # Reported names per requested metric, in report order.
 METRIC_NAMES = {
     "BLEU": BLEU_NAMES,

@@ -8,13 +8,7 @@ from pathlib import Path
 import click
 
 from astar.extract.decode import DecodeConfig
-from astar.extract.runner import (
-    ExtractConfig,
-    InputError,
-    extract_features,
-    remove_store,
-    restart_reason,
-)
+from astar.extract.runner import ExtractConfig, InputError, extract_features
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -153,12 +147,9 @@ def main(
         dask=dask_address,
     )
     try:
-        if resume_or_restart:
-            reason = restart_reason(out, config)
-            if reason:
-                click.echo(f"{out}: {reason}: extracting again from scratch", err=True)
-                remove_store(out)
-        summary, store = extract_features(videos, out, config, progress=not quiet)
+        summary, store = extract_features(
+            videos, out, config, progress=not quiet, restart_changed=resume_or_restart
+        )
     except _user_errors() as error:
         raise click.ClickException(str(error)) from error
     except KeyboardInterrupt:
@@ -167,6 +158,8 @@ def main(
         )
         raise SystemExit(130) from None
 
+    if summary.restarted:
+        click.echo(f"{out}: {summary.restarted}: extracted again from scratch", err=True)
     click.echo(f"{out}: {summary.describe()}")
     failures = store.manifest
     failures = failures[failures["status"] != "ok"]

@@ -87,6 +87,7 @@ class ExtractSummary:
     skipped_failed: int = 0  # of the skipped, how many had failed earlier
     seconds: float = 0.0
     frames: int = 0  # frames fed to C3D by this run
+    restarted: str = ""  # why an earlier store at the output was deleted first (restart_changed)
 
     @property
     def n_failed(self) -> int:
@@ -360,18 +361,28 @@ def extract_features(
     out: str | Path,
     config: ExtractConfig,
     progress: bool = True,
+    restart_changed: bool = False,
 ) -> tuple[ExtractSummary, FeatureStore]:
-    """Extract every video of ``inputs`` into the store at ``out``; resume what is unfinished."""
+    """Extract every video of ``inputs`` into the store at ``out``; resume what is unfinished.
+
+    ``restart_changed`` (pipelines): a store at ``out`` that is complete or was made with other
+    settings is deleted and extracted again (see ``restart_reason``); the reason is logged.
+    """
     started = time.perf_counter()
     videos = gather_videos(inputs, config.ids)
     extractor = make_extractor(config)
-    store = FeatureStore.create_or_open(out, build_schema(config, extractor))
+    schema = build_schema(config, extractor)
+    out = Path(out)
+    reason = restart_reason(out, schema) if restart_changed else ""
+    if reason:
+        shutil.rmtree(out)
+    store = FeatureStore.create_or_open(out, schema)
     store.plan(videos, partition_size=config.partition_size)
     wanted = {vid for vid, _ in videos}
     # Partitions already complete hold videos this run does not redo.
     pending = store.pending()
     pending_ids = {vid for part in pending for vid, _ in part.videos}
-    summary = ExtractSummary()
+    summary = ExtractSummary(restarted=reason)
     manifest = store.manifest
     if len(manifest):
         done = manifest[manifest["id"].isin(wanted - pending_ids)]
@@ -485,30 +496,22 @@ def _extract_in_workers(
     return summary
 
 
-def restart_reason(out: str | Path, config: ExtractConfig) -> str:
+def restart_reason(out: Path, schema: StoreSchema) -> str:
     """Why a pipeline's rerun should not resume the store at ``out`` ("" to resume it).
 
     A pipeline reruns extraction only when an input, a setting or the code changed, so only a
     store left unfinished (a killed run) with the very same settings is resumed; a complete one
     or one made otherwise is redone.
     """
-    out = Path(out)
     if not (out / "zarr.json").exists():
         return ""
-    store = FeatureStore.open(out)
-    differences = store.schema.differences(build_schema(config, make_extractor(config)))
+    store = FeatureStore.open(out)  # raises StoreError unless it is a store
+    differences = store.schema.differences(schema)
     if differences:
         return "the store was made with other settings (" + "; ".join(differences) + ")"
     if not store.pending():
         return "the store is complete, so something it was made from changed"
     return ""
-
-
-def remove_store(out: str | Path) -> None:
-    """Delete the feature store at ``out``, refusing a folder that is not one."""
-    out = Path(out)
-    FeatureStore.open(out)  # raises StoreError unless it is a store
-    shutil.rmtree(out)
 
 
 __all__ = [
@@ -521,6 +524,5 @@ __all__ = [
     "extract_features",
     "extract_partition",
     "gather_videos",
-    "remove_store",
     "restart_reason",
 ]

@@ -30,7 +30,7 @@ from astar.pipelines.datasets import (
     read_mvad,
 )
 from astar.pipelines.datasets import prepare_dataset as build_dataset
-from astar.pipelines.demo import DemoConfig, DemoError, reference_rows
+from astar.pipelines.demo import DemoConfig, DemoError
 from astar.pipelines.demo import make_demo_dataset as build_demo
 from astar.train.vocab import VocabConfig, VocabularyError
 
@@ -293,9 +293,12 @@ def make_demo_dataset(
         raise click.ClickException(str(error)) from error
     click.echo(_describe(dataset, out))
     if score:
+        from astar.evaluate.metrics import MetricsError
+        from astar.evaluate.references import reference_rows
+
         try:
             rows = reference_rows(out, "test")
-        except DemoError as error:
+        except MetricsError as error:
             raise click.ClickException(str(error)) from error
         (out / "reference_scores.json").write_text(json.dumps(rows, indent=2) + "\n")
         for name, values in rows.items():

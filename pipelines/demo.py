@@ -15,9 +15,8 @@ from its own generator ``default_rng([seed, index])``, so the same seed gives by
 caption tables and identical decoded frames.
 
 ``make_demo_dataset`` writes the generic captions file and the videos (what ``prepare-dataset
-generic`` reads) and the prepared dataset itself, through the same code. ``reference_rows``
-scores the two reference points of any prepared dataset: the leave-one-out ceiling of the
-paraphrases and the constant most-common-training-caption answer.
+generic`` reads) and the prepared dataset itself, through the same code. The reference rows of
+its table (any dataset's) are ``astar.evaluate.references``.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import csv
 import io
 import json
 import math
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import repeat
@@ -47,8 +45,6 @@ __all__ = [
     "captions_for",
     "draw_video_spec",
     "make_demo_dataset",
-    "most_common_caption",
-    "reference_rows",
     "render_frames",
 ]
 
@@ -444,52 +440,3 @@ def make_demo_dataset(
     dataset = prepare_dataset(annotations, PrepareConfig(videos_dir=videos_dir, strict=True))
     dataset.save(out)
     return Dataset.load(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Reference points
-
-
-def most_common_caption(dataset: Dataset, split: str = "train") -> str:
-    """The most frequent normalised caption of ``split`` (ties: alphabetical first)."""
-    counts = Counter(dataset.split(split).captions["normalized"])
-    if not counts:
-        raise DemoError(f"no captions in the {split} split")
-    return min(counts, key=lambda caption: (-counts[caption], caption))
-
-
-def reference_rows(dataset_dir: str | Path, split: str = "test") -> dict[str, dict[str, float]]:
-    """Scores x 100 of the two reference points on ``split`` of a prepared dataset.
-
-    ``leave_one_out``: each caption of a video predicts that video, scored against its other
-    captions; all (video, held-out caption) pairs are scored as one corpus. This is the
-    human-agreement level of the references, a practical ceiling (a consensus caption scored
-    against all of them can exceed it). ``most_common_caption``: every video gets the most
-    frequent training caption, scored against all its captions.
-    """
-    from astar.evaluate.cli import TABLE_METRICS
-    from astar.evaluate.metrics import score_captions
-
-    dataset = Dataset.load(dataset_dir)
-    references = dataset.captions_by_video(split)
-    held_out_refs: dict[str, list[str]] = {}
-    held_out: dict[str, str] = {}
-    for video, captions in references.items():
-        if len(captions) < 2:
-            continue  # nothing to score it against
-        for index, caption in enumerate(captions):
-            key = f"{video}#{index}"
-            held_out_refs[key] = captions[:index] + captions[index + 1 :]
-            held_out[key] = caption
-    if not held_out:
-        raise DemoError(f"{dataset_dir}: no {split} video has two captions to leave one out")
-    constant = most_common_caption(dataset)
-    rows = {
-        "leave_one_out": (held_out, held_out_refs),
-        "most_common_caption": (dict.fromkeys(references, constant), references),
-    }
-    scores = {}
-    for name, (predictions, refs) in rows.items():
-        corpus = score_captions(predictions, refs).corpus
-        scores[name] = {metric: round(float(corpus[metric]), 2) for metric in TABLE_METRICS}
-    return scores

@@ -25,7 +25,6 @@ from astar.pipelines.demo import (
     captions_for,
     draw_video_spec,
     make_demo_dataset,
-    reference_rows,
     render_frames,
 )
 
@@ -179,6 +178,8 @@ def test_make_demo_dataset_cli_and_prepare_generic_agree(tmp_path):
 
 @pytest.mark.slow
 def test_reference_rows(tmp_path):
+    from astar.evaluate.references import reference_rows
+
     """Videos whose captions are one sentence said three times: leaving one out is exact, and
     the constant most common training caption (which no test video has) scores lower."""
     from astar.pipelines.datasets import prepare_dataset, read_generic

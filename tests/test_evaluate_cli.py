@@ -146,3 +146,24 @@ def test_caption_video_cli(trained: Path, tmp_path: Path):
     weights.write_bytes(b"x")
     refused = CliRunner().invoke(caption_video, [*args[:1], *args[2:], "--weights", str(weights)])
     assert refused.exit_code == 1 and "random C3D" in refused.output
+
+
+def test_report_of_a_folder_of_evaluations_and_of_files(tmp_path: Path):
+    values = {"BLEU-4": 1.0, "METEOR": 2.0, "ROUGE_L": 3.0, "CIDEr": 4.0}
+    for variant in ("soft", "fc7", "pool5"):
+        (tmp_path / "eval" / variant).mkdir(parents=True)
+        (tmp_path / "eval" / variant / "metrics.json").write_text(json.dumps(values))
+    (tmp_path / "baseline.json").write_text(json.dumps(values))
+
+    def names(*args: str) -> list[str]:
+        result = CliRunner().invoke(report, [*args, "--out", str(tmp_path / "r")])
+        assert result.exit_code == 0, result.output
+        rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
+        return [row["name"] for row in rows]
+
+    folder = str(tmp_path / "eval")
+    assert names(folder) == ["fc7", "pool5", "soft"]  # the paper's order
+    assert names(folder, "--variants", "soft", "--variants", "fc7") == ["soft", "fc7"]
+    assert names(str(tmp_path / "baseline.json")) == ["baseline"]  # a file: its own name
+    missing = CliRunner().invoke(report, [folder, "--variants", "hard"])
+    assert missing.exit_code == 1 and "hard" in missing.output

@@ -217,15 +217,15 @@ def main(
         trainer = Trainer(feature_store, data, model_config, config, out, vectors, validate)
         if resume_or_restart:
             checkpoint = out / "last.pt"
-            reason = trainer.restart_reason(checkpoint) if checkpoint.exists() else ""
-            resume = checkpoint.exists() and not reason
-            if not resume and trainer.rank == 0:
+            reason = trainer.resume_if_unfinished(checkpoint) if checkpoint.exists() else ""
+            resumed = checkpoint.exists() and not reason
+            if not resumed and trainer.rank == 0:
                 if reason:
                     click.echo(f"{out}: {reason}: training again from scratch", err=True)
                 clear_run(out)  # also the logs of a run killed before its first checkpoint
             if trainer.world_size > 1:
                 torch.distributed.barrier()  # nobody reads OUT while rank 0 clears it
-        if resume and (out / "last.pt").exists():
+        elif resume and (out / "last.pt").exists():
             trainer.resume(out / "last.pt")
         elif (out / "last.pt").exists():
             raise click.ClickException(

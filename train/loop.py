@@ -183,8 +183,6 @@ class Trainer:
         self.model_config = model_config
         self.precision = resolve_precision(config.precision, self.device)
         self.model = Captioner(model_config, word_vectors).to(self.device)
-        if model_config.fc7_norm == "standardize":  # a resumed run loads them with the model
-            self.model.set_fc7_statistics(fc7_vectors(store, sorted(data.train)))
         self.ddp = (
             nn.parallel.DistributedDataParallel(self.model) if self.world_size > 1 else self.model
         )
@@ -233,18 +231,21 @@ class Trainer:
             )
         return problems
 
-    def restart_reason(self, path: Path) -> str:
-        """Why a pipeline's rerun should start this run afresh rather than resume ``path``.
+    def resume_if_unfinished(self, path: Path) -> str:
+        """Resume ``path`` if it is a run left unfinished with the same settings and data, else
+        return why not (and resume nothing).
 
         A pipeline reruns training only when an input, a setting or the code changed: only a
-        run left unfinished (killed) with the same settings and data is resumed.
+        run cut short (killed) is continued; a finished or different one is for a fresh start.
         """
-        payload = load_checkpoint(path, map_location="cpu")
+        payload = load_checkpoint(path, map_location=self.device)
         if payload["state"].get("stopped"):
             return f"the run finished ({payload['state']['stopped']}), so something it used changed"
         problems = self._mismatches(payload)
         if payload.get("train_config") != self.payload_train_config():
             problems.append("the training settings differ")
+        if not problems:
+            self._restore(payload)
         return "; ".join(problems)
 
     def payload_train_config(self) -> dict[str, Any]:
@@ -255,11 +256,14 @@ class Trainer:
         problems = self._mismatches(payload)
         if problems:
             raise TrainingError(f"{path} does not match this run:\n  " + "\n  ".join(problems))
+        self._restore(payload)
+        log.info("resumed %s at epoch %d batch %d", path, self.state.epoch, self.state.batch)
+
+    def _restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.state = TrainState(**payload["state"])
         restore_random_states(payload["random"])
-        log.info("resumed %s at epoch %d batch %d", path, self.state.epoch, self.state.batch)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -296,6 +300,9 @@ class Trainer:
 
     def run(self) -> TrainState:
         config, state = self.config, self.state
+        fresh = state.step == 0 and state.epoch == 0 and state.batch == 0
+        if fresh and self.model_config.fc7_norm == "standardize":  # resumed: in the checkpoint
+            self.model.set_fc7_statistics(fc7_vectors(self.store, sorted(self.data.train)))
         progress = _progress(len(self.sampler), enabled=self.rank == 0)
         while not state.stopped:
             if state.epoch >= config.max_epochs:
