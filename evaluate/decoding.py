@@ -18,11 +18,18 @@ Beam search, precisely (per video, K = beam size):
   good (a finished caption is never lost) and counts towards K. The next live beams are the K best
   candidates that do not end (so the beam stays K wide). This is the rule of fairseq's search:
   with K = 1 it is greedy decoding exactly.
-- A video stops when K captions have finished, or when no live beam can beat its best caption any
-  more (``_BeamSearch.best_reachable``: scores only fall as words are added), or at
-  ``max_length`` tokens, where the live beams compete as they are (cut, without end-of-sentence,
-  as greedy returns them). A stopped video's rows stay in the batch, dead, until all have stopped.
-- The answer is the best caption by length-penalised score (``length_penalty_factor``).
+- A video stops when K captions have finished, or when no live beam can beat its best finished
+  caption any more (``_BeamSearch.best_reachable``: scores only fall as words are added), or at
+  ``max_length`` tokens. A stopped video's rows stay in the batch, dead, until all have stopped.
+- The answer is the best *finished* caption by length-penalised score (``length_penalty_factor``).
+  A beam cut at ``max_length`` is no caption of the model (eq. 3 scores every caption through its
+  end-of-sentence): its score log p(prefix) is the probability of all its continuations, an upper
+  bound of any caption it could become, so ranking it against finished captions would favour
+  truncation. A cut beam is therefore only a fallback: the best one (by the same score) is
+  returned, with ``finished=False``, when no caption of the video finished. Greedy follows the
+  same rule (its one caption is cut only when it did not end), so K = 1 is still greedy. (The
+  other sound choice, fairseq's, forces end-of-sentence as the max_length-th token; it would
+  change greedy's last word and drop a word from every cut caption, so it is not taken.)
 - For K > 1 the greedy caption is also a candidate from the start. Plain beam search can lose to
   greedy: the greedy prefix can be pushed out of the beam by K prefixes that score better so far
   but end worse (tests/test_decoding.py builds such a model). With greedy's caption in the pool,
@@ -89,7 +96,11 @@ def length_penalty_factor(lengths: Tensor, length_penalty: float) -> Tensor:
 def greedy_decode(
     model: Captioner, features: FeatureBatch, max_length: int = 30
 ) -> list[DecodedCaption]:
-    """The most likely word at every step, for a batch of B videos at once."""
+    """The most likely word at every step, for a batch of B videos at once.
+
+    A caption without end-of-sentence by ``max_length`` tokens is returned cut (``finished``
+    False, log p of its prefix): the fallback beam search also uses when nothing finished.
+    """
     _check_arguments(model, beam_size=1, max_length=max_length, length_penalty=0.0)
     return greedy_decode_prepared(model, model.prepare(features), max_length)
 
@@ -333,10 +344,20 @@ class _Results:
     done: Tensor  # (B,) bool: the video's search has stopped
 
     def offer(self, candidates: _Hypotheses, scores: Tensor) -> None:
-        """One candidate per video (B rows, (B,) ranking scores): kept where strictly better."""
-        improved = scores > self.score  # (B,): ties keep the earlier caption
+        """One candidate per video (B rows, (B,) ranking scores): kept where strictly better.
+
+        Better: finished beats cut whatever the scores; between two finished or two cut
+        captions the higher score wins, ties keep the earlier caption.
+        """
+        mine, theirs = candidates.finished, self.best.finished  # (B,), (B,)
+        improved = torch.where(mine == theirs, scores > self.score, mine)  # (B,)
+        improved &= scores > -math.inf  # a candidate of -inf is no candidate (a dead video)
         self.best = candidates.where(improved, self.best)
-        self.score = torch.maximum(self.score, scores)
+        self.score = torch.where(improved, scores, self.score)
+
+    def finished_score(self) -> Tensor:
+        """(B,) score of the best finished caption; -inf while only a cut one (or none) is held."""
+        return self.score.where(self.best.finished, -math.inf)
 
 
 class _BeamSearch:
@@ -399,13 +420,15 @@ class _BeamSearch:
             self.finish(results, beams, candidates, log_probs, extras, t)
             beams, scores, rows = self.go_on(beams, candidates, log_probs, extras)
             word, state = beams.tokens[:, t], state.index_select(rows)  # (B K,)
-            # A video is done with K finished captions, or when no beam can beat its best.
+            # A video is done with K finished captions, or when no beam can beat its best
+            # finished one (a cut one, greedy's, is beaten by any finished caption).
             reachable = self.best_reachable(scores, t + 1).amax(dim=1)  # (B,)
-            results.done |= (results.n_finished >= k) | (results.score >= reachable)
+            results.done |= (results.n_finished >= k) | (results.finished_score() >= reachable)
             scores = scores.masked_fill(results.done[:, None], -math.inf)  # dead beams
             if bool(results.done.all()):
                 return results.best
-        # max_length reached: live beams compete as cut captions, like greedy's cut ones.
+        # max_length reached: the best live beam, cut, is kept only where nothing finished
+        # (``offer``: finished beats cut); done videos' beams are -inf, and offer nothing.
         cut_score, cut_beam = self.penalised(scores, self.max_length).max(dim=1)  # (B,)
         results.offer(beams.index_select(self.first_row[:, 0] + cut_beam), cut_score)
         return results.best

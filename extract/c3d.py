@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import zipfile
 from collections.abc import Iterator
@@ -407,9 +408,36 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 instructions.
+_BF16_ISAS = {
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+    "ALL",
+    "DEFAULT",
+}
+
+
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 convolutions on this CPU (AVX-512 BW/VL/DQ or better)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX) and oneDNN may use it.
+
+    oneDNN also runs bf16 on plain AVX-512 (BW/VL/DQ) by converting to fp32, which is slower
+    than fp32 itself; without AVX-512 PyTorch falls back to reference kernels, about 150x
+    slower. ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) below AVX512_CORE_BF16 counts as
+    no native bf16, so that the fp32 path can be forced and tested on any machine.
+    """
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap is None or cap.strip().upper() in _BF16_ISAS
 
 
 class C3DExtractor:

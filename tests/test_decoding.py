@@ -109,7 +109,8 @@ def test_beam_of_one_is_greedy_exactly(variant: str) -> None:
 
 
 def test_beam_never_scores_below_greedy_and_often_above() -> None:
-    """Over many random models and videos; the greedy caption competes from the start."""
+    """Over many random models and videos; the greedy caption competes from the start. "Worse"
+    is the search's own order: a finished caption beats a cut one, then the higher log p."""
     above = total = 0
     for variant, seed in itertools.product(("fc7", "pool4", "soft", "hard"), range(8)):
         model = tiny_model(variant, seed, vocab_size=9)
@@ -119,8 +120,10 @@ def test_beam_never_scores_below_greedy_and_often_above() -> None:
         for beam_size in (2, 4):
             beam = beam_search_prepared(model, context, beam_size, max_length=8)
             for g, b in zip(greedy, beam, strict=True):
-                assert b.log_prob >= g.log_prob - 1e-5, (variant, seed, beam_size, g, b)
-                above += b.log_prob > g.log_prob + 1e-4
+                assert b.finished >= g.finished, (variant, seed, beam_size, g, b)
+                if b.finished == g.finished:
+                    assert b.log_prob >= g.log_prob - 1e-5, (variant, seed, beam_size, g, b)
+                above += b.finished > g.finished or b.log_prob > g.log_prob + 1e-4
                 total += 1
     assert above > total // 4  # the search does find better captions, not just greedy's
 
@@ -203,6 +206,38 @@ def test_a_finished_caption_is_never_lost() -> None:
     assert beam.log_prob == pytest.approx(math.log(0.499 * 0.6), abs=1e-4)
 
 
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_a_caption_cut_at_max_length_never_outranks_a_finished_one(length_penalty: float) -> None:
+    """ "a <eos>" (0.45 x 0.5 = 0.225) finishes at step 2; "b x x" (0.55 x 0.95 x 0.95 = 0.50)
+    is cut at max_length 3 without its end-of-sentence: a higher partial score, but no caption.
+    Greedy takes "b x x" too, so it is cut; beam search must return the finished caption."""
+    model = TableCaptioner(
+        {
+            None: {A: 0.45, B: 0.55},
+            A: {EOS: 0.5, X: 0.25, Y: 0.25},
+            B: {X: 0.95, Y: 0.05},
+            X: {X: 0.95, Y: 0.05},
+            Y: {X: 0.95, Y: 0.05},
+        },
+        vocab_size=6,
+    )
+    context = model.prepare(videos([16, 16], seed=0))  # two videos: the batched path too
+    (greedy, _) = greedy_decode_prepared(model, context, max_length=3)
+    assert greedy.tokens == [B, X, X] and not greedy.finished  # nothing finished: the fallback
+    assert greedy.log_prob > math.log(0.225) + 0.5
+    for keep_greedy in (True, False):
+        with torch.inference_mode():
+            found = _BeamSearch(model, context, 2, 3, length_penalty, keep_greedy).run()
+        for beam in found.to_captions(EOS, None):
+            assert beam.tokens == [A] and beam.finished
+            assert beam.log_prob == pytest.approx(math.log(0.225), abs=1e-4)
+    for beam in beam_search_prepared(model, context, 2, 3, length_penalty):
+        assert beam.tokens == [A] and beam.finished
+    # K = 1 finds no finished caption: it returns the cut one, exactly as greedy does.
+    (single, _) = beam_search_prepared(model, context, 1, max_length=3)
+    assert_same_caption(single, greedy)
+
+
 # ---- exactness ---------------------------------------------------------------------------
 
 
@@ -219,8 +254,9 @@ def all_captions(words: list[int], max_length: int) -> list[list[int]]:
 @pytest.mark.parametrize("variant", ["fc7", "pool3", "soft", "hard"])
 def test_a_wide_enough_beam_finds_the_best_caption(variant: str, length_penalty: float) -> None:
     """With K at least the candidates of any step nothing is pruned: the answer must be the best
-    of all captions, each scored by teacher forcing (a finished caption lost, a wrong stopping
-    bound or a wrong length penalty would show)."""
+    of all finished captions, each scored by teacher forcing (a finished caption lost, a wrong
+    stopping bound, a wrong length penalty or a cut caption outranking finished ones would
+    show)."""
     vocab_size, max_length = 5, 3
     words = list(range(2, vocab_size))
     beam_size = (vocab_size - 1) * len(words) ** (max_length - 1)  # every candidate of a step
@@ -235,8 +271,10 @@ def test_a_wide_enough_beam_finds_the_best_caption(variant: str, length_penalty:
             forced = model.teacher_force(context.index_select(rows), padded(captions))
         raw = forced.token_log_probs.sum(dim=1).double()  # (n,)
         lengths = torch.tensor([len(c) for c in captions], dtype=torch.float64)
-        best = int((raw / length_penalty_factor(lengths, length_penalty)).argmax())
-        assert generated(caption) == captions[best]
+        ended = torch.tensor([c[-1] == EOS for c in captions])  # (n,): cut ones rank below
+        score = (raw / length_penalty_factor(lengths, length_penalty)).where(ended, -math.inf)
+        best = int(score.argmax())
+        assert caption.finished and generated(caption) == captions[best]
         assert caption.log_prob == pytest.approx(float(raw[best]), abs=1e-5)
 
 

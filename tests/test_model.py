@@ -394,13 +394,30 @@ def test_loss_counts_every_token_through_eos_and_no_padding() -> None:
     torch.testing.assert_close(loss.loss, loss.per_caption.mean())
 
 
-def test_dropout_acts_on_the_output_only() -> None:
+def test_dropout_acts_on_the_output_from_the_second_word_only() -> None:
+    """ASTAR-NOTES: p(y_1) = softmax(V h_1) (eq. 1); p(y_t) = softmax(V dropout(h_t)) for t >= 2."""
     model = Captioner(tiny_config("soft", dropout=0.5)).train()
-    context = model.prepare(video(32, seed=15))
-    first, state_a, _ = model.step(None, None, context.repeat_interleave(64))
-    _, state_b, _ = model.step(None, None, context.repeat_interleave(64))
+    context = model.prepare(video(32, seed=15)).repeat_interleave(64)
+    words = torch.full((64,), 3)
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        first, state, _ = model.step(None, None, context)
+        second, state_2, _ = model.step(words, state, context)
+        runs.append((first, state, second, state_2))
+    (first_a, state_a, second_a, state_2a), (first_b, state_b, second_b, state_2b) = runs
+    assert torch.equal(first_a, first_b)  # the first word: no dropout, whatever the RNG
+    assert torch.equal(first_a, first_a[:1].expand_as(first_a))  # nor from row to row
     assert torch.equal(state_a.hidden, state_b.hidden)  # h_1 is not dropped
-    assert not torch.allclose(first[0], first[1])  # but V sees a dropped-out h_1
+    assert torch.equal(state_2a.hidden, state_2b.hidden)  # nor h_2 inside the recurrence
+    assert not torch.allclose(second_a, second_b)  # but V sees a dropped-out h_2
+    assert not torch.allclose(second_a[0], second_a[1])
+    model.eval()  # eval mode: no dropout at any step, V h_t as it is
+    first, state, _ = model.step(None, None, context)
+    second, state_2, _ = model.step(words, state, context)
+    torch.testing.assert_close(first, model.output(state.hidden).log_softmax(dim=-1))
+    torch.testing.assert_close(second, model.output(state_2.hidden).log_softmax(dim=-1))
+    torch.testing.assert_close(first, first_a)
 
 
 def test_initialisation_follows_the_notes() -> None:

@@ -72,7 +72,7 @@ class CaptionerConfig:
     hidden_dim: int = 512  # H, LSTM units
     embed_dim: int = 300  # M, word-embedding size (word2vec-sized)
     attention_dim: int = 512  # A, hidden size of the attention MLPs of eqs. 5 and 6
-    dropout: float = 0.5  # dropout on h_t before the output matrix V
+    dropout: float = 0.5  # dropout on h_t before the output matrix V, t >= 2 (not on h_1)
     samples: int = 10  # K, layer-choice samples per caption for the hard bound (eq. 10)
     hard_inference: Literal["argmax", "sample"] = "argmax"  # hard layer choice when not training
     init_range: float = 0.01  # non-recurrent weights start U[-init_range, init_range]
@@ -260,6 +260,7 @@ class TeacherForcing:
     token_log_probs: Tensor  # (N, S): log p(y_t | y_<t, A), 0 at padding
     layer_log_probs: Tensor | None  # (N, S-1): log beta_{t, m_t} for t = 2..S (hard), 0 at padding
     layers: Tensor | None  # (N, S-1) long: the layer m_t chosen at t = 2..S (hard)
+    layer_entropy: Tensor | None = None  # (): mean entropy of beta_t (nats) over the words t >= 2
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,7 @@ class CaptionLoss:
     loss: Tensor  # (): mean of per_caption
     per_caption: Tensor  # (n,): -log p(Y|A) (eq. 3); hard in training: value -L^K, VIMCO grad
     n_tokens: Tensor  # (): target tokens counted (end-of-sentence included, padding not)
+    layer_entropy: Tensor | None = None  # (): mean entropy of beta_t, detached; None without beta
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +365,37 @@ def _sum_over_ranks(values: Tensor) -> Tensor:
     return values
 
 
+def _runs_in_bf16(x: Tensor) -> bool:
+    """Whether a CPU convolution of ``x`` runs in bf16 (bf16 input, or bf16 autocast)."""
+    if x.device.type != "cpu":
+        return False
+    if x.dtype == torch.bfloat16:
+        return True
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def conv3d_exact(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """``conv(x)``, with a correct weight gradient in CPU bf16 for inputs shorter than the kernel.
+
+    oneDNN's CPU bf16 backward-weights kernel (PyTorch 2.13) returns wrong values (relative
+    error 0.8-1.2 against fp32, sometimes inf/NaN, different from run to run) and can corrupt
+    the heap ("double free or corruption") when an input dimension d satisfies 2 <= d < kernel:
+    pool3 (k = 5) at T = 2..4 and pool4 (k = 3) at T = 2, shapes that videos of 16-31 frames
+    produce. Forward and input gradients are right. Zero frames appended up to the kernel size
+    and the output cropped back give exactly the same values (the conv's own padding is zeros
+    too, and an output step only sees inputs within half a kernel of it), and the kernel is
+    then right (relative error 3e-3, bf16's own). fp32 and GPU runs are left untouched.
+    """
+    if not _runs_in_bf16(x):
+        return conv(x)
+    sizes = x.shape[2:]  # (T, h, w)
+    short = [max(0, k - d) for d, k in zip(sizes, conv.kernel_size, strict=True)]
+    if not any(short):
+        return conv(x)
+    padded = F.pad(x, (0, short[2], 0, short[1], 0, short[0]))  # zeros after the end
+    return conv(padded)[:, :, : sizes[0], : sizes[1], : sizes[2]]
+
+
 class FeatureAlignment(nn.Module):
     """Eq. 4: â_l = maxpool(ReLU(conv3d(a_l))) for pool2..pool4, â_L = a_L for pool5; then
     (``feature_norm="batch"``) every channel normalised over locations (LocationNorm)."""
@@ -439,7 +472,7 @@ class FeatureAlignment(nn.Module):
         )  # (B, T')
         layer = layer * rearrange(inside, "b t -> b 1 t 1 1").to(layer.dtype)  # (B, C, T', h, w)
         if name in self.convs:
-            layer = F.relu(self.convs[name](layer))  # (B, F, T', h_l, w_l)
+            layer = F.relu(conv3d_exact(self.convs[name], layer))  # (B, F, T', h_l, w_l)
             layer = F.max_pool3d(layer, spec.pool, spec.pool, padding=spec.pool_padding)
         return layer[:, :, :steps5]  # (B, F, T5, h, w)
 
@@ -680,13 +713,14 @@ class Captioner(nn.Module):
         if state is None:
             hidden = context.initial_hidden  # (N, H): h_1
             state = DecoderState(hidden, torch.zeros_like(hidden))  # c_1 = 0
+            logits = self.output(hidden)  # (N, V): p(y_1) = softmax(V h_1), no dropout (eq. 1)
         else:
             inputs = [self.embedding(word)]  # [(N, M)]: w_{t-1} = W_e y_{t-1}
             if self.spatiotemporal is not None:
                 inputs.append(self._context_vector(state.hidden, context, layer, extras))  # (N, F)
             hidden, cell = self.lstm(torch.cat(inputs, dim=-1), (state.hidden, state.cell))  # eq. 2
             state = DecoderState(hidden, cell)
-        logits = self.output(self.dropout(state.hidden))  # (N, V)
+            logits = self.output(self.dropout(hidden))  # (N, V): softmax(V dropout(h_t)), t >= 2
         # Caption log-likelihoods are sums of many terms near -5 and feed VIMCO's exponentials:
         # under bf16/fp16 autocast they are taken in float32 (float64 stays float64).
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
@@ -717,7 +751,9 @@ class Captioner(nn.Module):
         if forced is not None:
             return forced
         if self.samples_layers:
-            return torch.multinomial(log_beta.exp(), 1)[:, 0]  # (N,)
+            # A diverged model's NaN beta must reach the loss (a skipped step), not stop here.
+            beta = log_beta.exp().nan_to_num(nan=1.0, posinf=1.0)  # (N, L); finite: unchanged
+            return torch.multinomial(beta, 1)[:, 0]  # (N,)
         return log_beta.argmax(dim=-1)  # (N,)
 
     @property
@@ -741,24 +777,31 @@ class Captioner(nn.Module):
         """
         n_rows, length = tokens.shape
         inside = tokens != self.config.pad_id  # (N, S)
-        token_log_probs, layer_log_probs, chosen = [], [], []
+        token_log_probs, layer_log_probs, chosen, entropies = [], [], [], []
         word, state = None, None
         for t in range(length):
             forced = None if layers is None or t == 0 else layers[:, t - 1]  # (N,)
             log_probs, state, extras = self.step(word, state, context, layer=forced)  # (N, V)
             token_log_probs.append(log_probs.gather(1, tokens[:, t, None])[:, 0])  # (N,)
+            if "beta" in extras:
+                with torch.no_grad():
+                    beta = extras["beta"].float()  # (N, L)
+                    entropies.append(-(beta * beta.clamp_min(1e-30).log()).sum(dim=1))  # (N,)
             if "layer" in extras:
                 layer_log_probs.append(extras["layer_log_prob"])  # (N,)
                 chosen.append(extras["layer"])  # (N,)
             word = tokens[:, t]  # (N,)
         token_lp = torch.stack(token_log_probs, dim=1).where(inside, 0.0)  # (N, S)
+        entropy = None
+        if entropies:  # words t >= 2 inside their caption
+            entropy = torch.stack(entropies, dim=1)[inside[:, 1:]].mean()  # ()
         if not self.config.hard:
-            return TeacherForcing(token_lp, None, None)
+            return TeacherForcing(token_lp, None, None, entropy)
         if length == 1:  # a caption of eos alone makes no layer choice
             empty = token_lp.new_zeros(n_rows, 0)  # (N, 0)
             return TeacherForcing(token_lp, empty, empty.long())
         layer_lp = torch.stack(layer_log_probs, dim=1).where(inside[:, 1:], 0.0)  # (N, S-1)
-        return TeacherForcing(token_lp, layer_lp, torch.stack(chosen, dim=1))
+        return TeacherForcing(token_lp, layer_lp, torch.stack(chosen, dim=1), entropy)
 
     def loss(self, features: FeatureBatch, tokens: Tensor, video_index: Tensor) -> CaptionLoss:
         """Training objective of a video-major batch: prepare once per video, score each caption.
@@ -779,14 +822,14 @@ class Captioner(nn.Module):
         if not self.samples_layers:
             forced = self.teacher_force(context.index_select(video_index), tokens)  # n rows
             per_caption = -forced.token_log_probs.sum(dim=1)  # (n,)
-            return CaptionLoss(per_caption.mean(), per_caption, n_tokens)
+            return CaptionLoss(per_caption.mean(), per_caption, n_tokens, forced.layer_entropy)
         k = self.config.samples
         rows = video_index.repeat_interleave(k)  # (n K,): caption-major, K samples each
         forced = self.teacher_force(context.index_select(rows), tokens.repeat_interleave(k, dim=0))
         log_likelihoods = rearrange(forced.token_log_probs.sum(dim=1), "(n k) -> n k", k=k)
         log_choice_probs = rearrange(forced.layer_log_probs.sum(dim=1), "(n k) -> n k", k=k)
         per_caption = -vimco_surrogate(log_likelihoods, log_choice_probs)  # (n,)
-        return CaptionLoss(per_caption.mean(), per_caption, n_tokens)
+        return CaptionLoss(per_caption.mean(), per_caption, n_tokens, forced.layer_entropy)
 
     def forward(self, features: FeatureBatch, tokens: Tensor, video_index: Tensor) -> CaptionLoss:
         """``loss``, as the module's call: wrappers (DistributedDataParallel) hook ``forward``."""
