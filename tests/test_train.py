@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -16,10 +18,11 @@ from click.testing import CliRunner
 
 from astar.pipelines.datasets import Dataset
 from astar.store import FeatureStore
-from astar.train.checkpoint import load_checkpoint
+from astar.train.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors
 from astar.train.cli import main as train_cli
 from astar.train.loop import CaptionData, TrainConfig, Trainer, TrainingError, store_layers
-from astar.train.model import CaptionerConfig
+from astar.train.model import CaptionerConfig, CaptionLoss
+from astar.train.vocab import EOS_ID
 
 TINY_MODEL = {"hidden_dim": 16, "embed_dim": 8, "attention_dim": 8, "samples": 3}
 
@@ -246,3 +249,157 @@ def test_cli_word_vectors_none_or_a_file(tiny_corpus, tmp_path):
         train_cli, [*args, "--out", str(tmp_path / "b"), "--word-vectors", "absent.bin"]
     )
     assert missing.exit_code == 2 and "absent.bin" in missing.output
+
+
+# ---- non-finite steps, checkpoints and validations ------------------------------------------
+
+
+def _train_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics/train.jsonl").open()]
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_no_nonfinite_checkpoint(
+    tiny_corpus, tmp_path
+):
+    store, dataset = tiny_corpus()
+    run = tmp_path / "run"
+    trainer = _trainer(store, dataset, run, "soft", learning_rate=1e30, max_epochs=3,
+                       max_nonfinite_steps=3, checkpoint_every=1)  # fmt: skip
+    with pytest.raises(TrainingError, match="non-finite") as stopped:
+        trainer.run()
+    steps = _train_log(run)
+    first_bad = next(s["step"] for s in steps if s["skipped"])
+    assert [s["skipped"] for s in steps] == [False] * (first_bad - 1) + [True] * 3
+    message = str(stopped.value)
+    assert f"3 non-finite training steps in a row, since step {first_bad}" in message
+    assert "learning_rate (now 1e+30)" in message
+    state = trainer.state
+    assert (state.skipped_steps, state.nonfinite_in_a_row) == (3, 3)
+    assert state.step == len(steps) == first_bad + 2
+    assert all(s["loss"] is None and s["grad_norm"] is None for s in steps if s["skipped"])
+    assert nonfinite_tensors(trainer.model.state_dict()) == []  # skipped steps wrote nothing
+    saved = torch.load(run / "last.pt", weights_only=True)  # checkpoint_every=1
+    assert saved["state"]["step"] == state.step - 1 and nonfinite_tensors(saved["model"]) == []
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(saved["model"][name], value), name  # as the last good step left it
+    assert not (run / "best.pt").exists()
+
+
+def test_a_single_nonfinite_step_is_skipped_and_training_goes_on(tiny_corpus, tmp_path, caplog):
+    store, dataset = tiny_corpus()
+    run = tmp_path / "run"
+    trainer = _trainer(store, dataset, run, "soft", max_steps=4)
+    real_loss, calls = trainer.model.loss, []
+
+    def loss_nan_once(*args):
+        result = real_loss(*args)
+        calls.append(1)
+        if len(calls) == 2:  # through the graph, so that the gradients are NaN too
+            nan = result.per_caption * math.nan
+            return CaptionLoss(nan.mean(), nan, result.n_tokens)
+        return result
+
+    real_step, snapshots = trainer.train_step, []
+
+    def snapshot():
+        return copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
+
+    def recording_step(*args):
+        snapshots.append(snapshot())
+        return real_step(*args)
+
+    trainer.model.loss, trainer.train_step = loss_nan_once, recording_step
+    state = trainer.run()
+    snapshots.append(snapshot())
+    assert (state.step, state.skipped_steps, state.nonfinite_in_a_row) == (4, 1, 0)
+    (model_before, adam_before), (model_after, adam_after) = snapshots[1], snapshots[2]
+    for name, value in model_before.items():  # parameters and normalisation statistics
+        assert torch.equal(value, model_after[name]), name
+    assert adam_before["state"].keys() == adam_after["state"].keys() != set()
+    for index, moments in adam_before["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, adam_after["state"][index][key]), (index, key)
+    # The steps before and after it did update.
+    for before, after in ((0, 1), (2, 3)):
+        weights = [snapshots[k][0]["output.weight"] for k in (before, after)]
+        assert not torch.equal(*weights)
+    steps = _train_log(run)
+    assert [s["skipped"] for s in steps] == [False, True, False, False]
+    assert steps[1]["loss"] is None and steps[1]["grad_norm"] is None
+    assert all(s["loss"] > 0 and s["grad_norm"] > 0 for s in steps if not s["skipped"])
+    assert "step 2 (epoch 0) skipped" in caplog.text
+    assert load_checkpoint(run / "last.pt")["state"]["skipped_steps"] == 1
+
+
+def test_a_checkpoint_with_nonfinite_parameters_is_never_written(tiny_corpus, tmp_path):
+    store, dataset = tiny_corpus()
+    run = tmp_path / "run"
+    trainer = _trainer(store, dataset, run, "pool4", max_steps=1)
+    trainer.run()
+    good = (run / "last.pt").read_bytes()
+    with torch.no_grad():
+        trainer.model.output.bias[3] = math.inf
+    with pytest.raises(CheckpointError, match=r"last\.pt.*1 tensor\(s\): output\.bias$"):
+        trainer.save("last.pt")
+    assert (run / "last.pt").read_bytes() == good
+    assert sorted(path.name for path in run.iterdir()) == ["curves", "last.pt", "metrics"]
+
+
+def test_nan_validation_scores_never_become_best(tiny_corpus, tmp_path, caplog):
+    store, dataset = tiny_corpus()
+    run = tmp_path / "run"
+    trainer = _trainer(store, dataset, run, "pool4", max_epochs=2)
+    trainer.validate = lambda model: {"CIDEr": math.nan}
+    state = trainer.run()
+    assert (state.best_epoch, state.bad_validations) == (-1, 2)
+    assert not (run / "best.pt").exists()
+    assert "epoch 1: validation CIDEr is NaN" in caplog.text
+
+
+def test_cli_reports_a_diverging_run_without_a_traceback(tiny_corpus, tmp_path):
+    store, dataset = tiny_corpus()
+    params = _params(tmp_path, videos_per_batch=2, captions_per_video=2, max_epochs=2,
+                     learning_rate=1e30, max_nonfinite_steps=2)  # fmt: skip
+    args = ["--store", str(store), "--dataset", str(dataset), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(train_cli, [*args, "--variant", "soft", "--params", str(params)])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # a ClickException, not a crash
+    assert "Error: 2 non-finite training steps in a row" in result.output
+    assert "lower learning_rate (now 1e+30)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validation_without_any_caption_is_a_warning(tiny_corpus, tmp_path, monkeypatch, caplog):
+    import astar.train.cli as train_cli_module
+
+    real_validator = train_cli_module.make_validator
+
+    def speechless_validator(*args, **kwargs):
+        """The real validator, on a model that ends every caption at once."""
+        validate = real_validator(*args, **kwargs)
+
+        def run(model):
+            saved = model.output.bias.detach().clone()
+            with torch.no_grad():
+                model.output.bias.fill_(-1e4)
+                model.output.bias[EOS_ID] = 1e4
+            try:
+                return validate(model)
+            finally:
+                with torch.no_grad():
+                    model.output.bias.copy_(saved)
+
+        return run
+
+    monkeypatch.setattr(train_cli_module, "make_validator", speechless_validator)
+    store, dataset = tiny_corpus(splits=("train", "train", "val"))
+    run = tmp_path / "run"
+    params = _params(tmp_path, videos_per_batch=2, captions_per_video=2, max_epochs=1)
+    args = ["--store", str(store), "--dataset", str(dataset), "--out", str(run)]
+    result = CliRunner().invoke(train_cli, [*args, "--variant", "fc7", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in (run / "metrics/val.jsonl").open()]
+    assert record["n_videos"] == record["empty_captions"] == 2
+    assert "epoch 1: validation captioned none of its 2 videos" in caplog.text
+    assert "; 0 step(s) skipped as non-finite" in result.output
+    assert "warning: 1 of 1 validation(s) gave every video an empty caption" in result.output

@@ -24,9 +24,41 @@ class CheckpointError(Exception):
     """A checkpoint is unreadable or does not fit what it is used with."""
 
 
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in state.items()
+        if torch.is_tensor(tensor)
+        and (tensor.is_floating_point() or tensor.is_complex())
+        and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite(state: dict[str, Any], origin: str | Path) -> None:
+    """Refuse model parameters or buffers with NaN or infinite values, naming the tensors.
+
+    Training never writes such a checkpoint and inference never uses one: a diverged model
+    would only produce garbage captions (or none) with nothing saying why.
+    """
+    bad = nonfinite_tensors(state)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise CheckpointError(
+            f"{origin}: the model has non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+            f"{shown}"
+        )
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` atomically: a reader sees the old file or the new, whole."""
+    """Write ``payload`` to ``path`` atomically: a reader sees the old file or the new, whole.
+
+    A payload whose model is not finite everywhere is refused (CheckpointError) and nothing is
+    written, so a good ``last.pt`` or ``best.pt`` is never replaced by a diverged one.
+    """
     path = Path(path)
+    if "model" in payload:
+        check_finite(payload["model"], f"refusing to write {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -42,6 +74,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The payload of ``path``; CheckpointError if unreadable, too new or not finite."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -56,6 +89,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: checkpoint version {payload['checkpoint_version']} is newer than this "
             f"astar ({CHECKPOINT_VERSION}); upgrade astar"
         )
+    if isinstance(payload.get("model"), dict):
+        check_finite(payload["model"], path)
     return payload
 
 

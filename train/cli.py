@@ -91,7 +91,9 @@ def make_validator(store, dataset, split: str, max_length: int, batch_videos: in
             {vid: references[vid] for vid in ids},
             metrics=("BLEU", "ROUGE_L", "CIDEr"),
         )
-        return {k: v for k, v in scores.corpus.items() if k in ("BLEU-4", "ROUGE_L", "CIDEr")}
+        kept = {k: v for k, v in scores.corpus.items() if k in ("BLEU-4", "ROUGE_L", "CIDEr")}
+        # A model that ends every caption at once scores ~0 everywhere: say so in the record.
+        return {**kept, "n_videos": len(ids), "empty_captions": len(scores.empty_predictions)}
 
     return validate
 
@@ -260,8 +262,16 @@ def main(
     if trainer.rank == 0:
         click.echo(
             f"{out}: stopped ({state.stopped}) after {state.step} steps, epoch {state.epoch}; "
-            f"best {config.metric} {state.best_score:.2f} at epoch {state.best_epoch}"
+            f"best {config.metric} {state.best_score:.2f} at epoch {state.best_epoch}; "
+            f"{state.skipped_steps} step(s) skipped as non-finite"
         )
+        empty = state.empty_validations()
+        if empty:
+            click.echo(
+                f"warning: {empty} of {len(state.history)} validation(s) gave every video an "
+                "empty caption",
+                err=True,
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ Exact resume: the data order is a function of (seed, epoch) (``VideoMajorSampler
 checkpoint holds the optimizer, the position in the epoch and every random state, so a run killed
 at any point and resumed from its last checkpoint ends with the same parameters as a run that
 never stopped (on CPU, where kernels are deterministic).
+
+Non-finite steps: a step whose loss or gradient norm is NaN or infinite makes no update (all
+ranks agree) and is logged with ``"skipped": true``; ``max_nonfinite_steps`` of them in a row end
+the run with a TrainingError. A checkpoint is never written with non-finite parameters.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class TrainConfig:
     cache_videos: int = 0  # keep this many videos' features in memory (0: stream every read)
     prefetch: int = 2  # batches read ahead of the one computing
     max_steps: int | None = None  # stop after this many steps in total (tests, smoke runs)
+    max_nonfinite_steps: int = 5  # non-finite loss/gradient steps in a row before giving up
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,12 +90,35 @@ class TrainState:
 
     epoch: int = 0  # current epoch
     batch: int = 0  # next batch of the current epoch
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # training steps taken (skipped non-finite ones included)
     best_score: float = -math.inf
     best_epoch: int = -1
     bad_validations: int = 0  # consecutive validations without improvement
-    stopped: str = ""  # why training ended: "early stopping", "max epochs", "max steps"
+    stopped: str = ""  # why training ended: "early stopping", "max epochs", "max steps", ...
     history: list[dict[str, float]] = field(default_factory=list)  # validation results
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, in all
+    nonfinite_in_a_row: int = 0  # the current run of such steps (0 after a good step)
+    nonfinite_since: int = 0  # the step that began the current run of non-finite steps
+
+    def empty_validations(self) -> int:
+        """Validations in which every video's caption came out empty."""
+        return sum(1 for record in self.history if all_captions_empty(record))
+
+
+def all_captions_empty(record: dict[str, Any]) -> bool:
+    """Whether a validation record says no video got a caption (a collapsed model)."""
+    videos = record.get("n_videos", 0)
+    return videos > 0 and record.get("empty_captions", 0) >= videos
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step did."""
+
+    loss: float  # mean over the global batch's captions (NaN or inf when skipped for it)
+    grad_norm: float  # total gradient norm before clipping
+    skipped: bool  # non-finite loss or gradient: no optimizer update was made
+    beta_entropy: float | None = None  # mean entropy of the layer attention beta (nats)
 
 
 def store_layers(store: FeatureStore) -> tuple[dict[str, int], int]:
@@ -178,6 +206,10 @@ class Trainer:
             raise TrainingError(
                 f"{len(missing)} training video(s) have no features in {store.path}: "
                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
+        if config.max_nonfinite_steps < 1:
+            raise TrainingError(
+                f"max_nonfinite_steps must be at least 1, not {config.max_nonfinite_steps}"
             )
         torch.manual_seed(config.seed)
         self.model_config = model_config
@@ -275,22 +307,41 @@ class Trainer:
         with path.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
 
-    def train_step(self, batch: CaptionBatch, global_captions: int, weight: float) -> float:
-        """One optimizer step; returns the mean loss over the global batch's captions."""
+    def train_step(self, batch: CaptionBatch, global_captions: int, weight: float) -> StepResult:
+        """One optimizer step, or none when the loss or the gradient norm is not finite.
+
+        A skipped step leaves the parameters and Adam's moments as they were (its gradients are
+        dropped), so one bad batch costs one batch rather than the run.
+        """
         self.ddp.train()
         batch = batch.to(self.device)
+        # The forward updates normalisation statistics: a skipped step puts them back.
+        buffers = [buffer.detach().clone() for buffer in self.model.buffers()]
         with _autocast(self.device, self.precision):
             result = self._loss(batch)
         # DDP averages gradients over ranks: scale so the average is the global-batch mean.
         total = result.per_caption.sum() * weight
         self.optimizer.zero_grad(set_to_none=True)
         (total * (self.world_size / global_captions)).backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
-        self.optimizer.step()
-        total = total.detach()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        # Loss, non-finite flag and norm in one all_reduce: every rank skips the step or none.
+        local = total.detach().float()
+        nonfinite = ~(torch.isfinite(local) & torch.isfinite(grad_norm))
+        checks = torch.stack([local, nonfinite.float(), grad_norm.float()])  # (3,)
         if self.world_size > 1:
-            torch.distributed.all_reduce(total)
-        return float(total) / global_captions
+            torch.distributed.all_reduce(checks)
+        loss_sum, nonfinite_ranks, norm_sum = checks.tolist()
+        skipped = nonfinite_ranks > 0
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+        else:
+            self.optimizer.step()
+        # DDP averaged the gradients, so every rank computed the same norm.
+        entropy = None if result.layer_entropy is None else float(result.layer_entropy)
+        return StepResult(loss_sum / global_captions, norm_sum / self.world_size, skipped, entropy)
 
     def _loss(self, batch: CaptionBatch):
         if self.ddp is self.model:
@@ -316,14 +367,18 @@ class Trainer:
             for plan, batch in zip(
                 plans[state.batch :], self.loader(plans[state.batch :]), strict=True
             ):
-                loss = self.train_step(batch, plan.global_captions, 0.0 if plan.dummy else 1.0)
+                result = self.train_step(batch, plan.global_captions, 0.0 if plan.dummy else 1.0)
                 n_captions = plan.global_captions
                 state.batch += 1
                 state.step += 1
+                if result.skipped:
+                    self._skipped(state, result)
+                else:
+                    state.nonfinite_in_a_row = 0
                 captions_seen += n_captions
                 rate = captions_seen / max(time.perf_counter() - started, 1e-9)
                 progress.set_postfix(
-                    loss=f"{loss:.3f}", captions_per_s=f"{rate:.0f}", refresh=False
+                    loss=f"{result.loss:.3f}", captions_per_s=f"{rate:.0f}", refresh=False
                 )
                 progress.update(1)
                 self._log(
@@ -331,10 +386,21 @@ class Trainer:
                     {
                         "step": state.step,
                         "epoch": state.epoch,
-                        "loss": loss,
+                        "loss": _json_number(result.loss),
+                        "grad_norm": _json_number(result.grad_norm),
                         "captions_per_s": rate,
+                        "skipped": result.skipped,
+                        **(
+                            {}
+                            if result.beta_entropy is None
+                            else {"beta_entropy": _json_number(result.beta_entropy)}
+                        ),
                     },
                 )
+                if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+                    progress.close()
+                    state.stopped = "non-finite steps"
+                    raise self._diverged(state, result)
                 if config.max_steps is not None and state.step >= config.max_steps:
                     state.stopped = "max steps"
                     break
@@ -352,6 +418,35 @@ class Trainer:
             write_curves(self.out / "metrics", self.out / "curves")
         return state
 
+    def _skipped(self, state: TrainState, result: StepResult) -> None:
+        if state.nonfinite_in_a_row == 0:
+            state.nonfinite_since = state.step
+        state.nonfinite_in_a_row += 1
+        state.skipped_steps += 1
+        if self.rank == 0:
+            log.warning(
+                "step %d (epoch %d) skipped, no update made: loss %s, gradient norm %s "
+                "(%d non-finite step(s) in a row)",
+                state.step,
+                state.epoch,
+                result.loss,
+                result.grad_norm,
+                state.nonfinite_in_a_row,
+            )
+
+    def _diverged(self, state: TrainState, result: StepResult) -> TrainingError:
+        """The error ending a run whose steps stay non-finite (the model is the last good one)."""
+        hint = f"lower learning_rate (now {self.config.learning_rate:g})"
+        if self.precision != "fp32":
+            hint += f", or precision fp32 (now {self.precision})"
+        return TrainingError(
+            f"{state.nonfinite_in_a_row} non-finite training steps in a row, since step "
+            f"{state.nonfinite_since} (now step {state.step}, epoch {state.epoch}; last loss "
+            f"{result.loss}, gradient norm {result.grad_norm}): training stopped at "
+            f"max_nonfinite_steps = {self.config.max_nonfinite_steps} (those steps updated "
+            f"nothing). Try a {hint}."
+        )
+
     def _validation(self, state: TrainState) -> None:
         self.model.eval()
         scores = self.validate(self.model) if self.rank == 0 else {}
@@ -363,7 +458,15 @@ class Trainer:
         record = {"epoch": state.epoch, "step": state.step, **scores}
         state.history.append(record)
         self._log("val", record)
-        if score > state.best_score:
+        if all_captions_empty(record):
+            log.warning(
+                "epoch %d: validation captioned none of its %d videos (every caption empty)",
+                state.epoch,
+                record["n_videos"],
+            )
+        if math.isnan(score):
+            log.warning("epoch %d: validation %s is NaN", state.epoch, self.config.metric)
+        if not math.isnan(score) and score > state.best_score:
             state.best_score, state.best_epoch, state.bad_validations = score, state.epoch, 0
             self.save("best.pt")
         else:
@@ -377,6 +480,11 @@ class Trainer:
             score,
             state.best_score,
         )
+
+
+def _json_number(value: float) -> float | None:
+    """A float for a JSON log: non-finite values as null (JSON has no NaN or infinity)."""
+    return value if math.isfinite(value) else None
 
 
 RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics", "curves")  # what a run writes
@@ -432,10 +540,12 @@ def init_distributed() -> bool:
 __all__ = [
     "CaptionData",
     "CheckpointError",
+    "StepResult",
     "TrainConfig",
     "TrainState",
     "Trainer",
     "TrainingError",
+    "all_captions_empty",
     "clear_run",
     "compatibility_problems",
     "init_distributed",
