@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import click
 
 from astar.evaluate.metrics import TABLE_METRICS
-
-TABLE_HEADER = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+from astar.evaluate.report import TABLE_HEADER
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -107,13 +107,15 @@ def evaluate_captioner(
     except _user_errors() as error:
         raise click.ClickException(str(error)) from error
     row = {"name": name or trained.variant, **{m: scores.corpus[m] for m in TABLE_METRICS}}
+    seed = trained.payload.get("train_config", {}).get("seed")  # the report groups by it
     _write_json(out / "predictions.json", predictions)
     _write_json(
         out / "metrics.json",
         {
             "name": row["name"], "variant": trained.variant, "split": split, "beam": beam,
             "max_length": max_length, "length_penalty": length_penalty,
-            "checkpoint": str(checkpoint), **scores.corpus, "n_videos": scores.n_videos,
+            "checkpoint": str(checkpoint), "seed": seed,
+            **scores.corpus, "n_videos": scores.n_videos,
             "n_missing": scores.n_missing, "missing": list(scores.missing),
         },
     )  # fmt: skip
@@ -248,8 +250,30 @@ def caption_video(
         raise SystemExit(1)
 
 
-def _metrics_files(runs: tuple[Path, ...], variants: tuple[str, ...]) -> list[Path]:
-    """The metrics.json of each run, a folder of runs expanded into its sub-folders."""
+SEED_FOLDER = re.compile(r"seed(\d+)")  # VARIANT/seedS: the evaluation of one training seed
+
+
+def _seed_files(folder: Path, seeds: tuple[int, ...]) -> list[Path]:
+    """A variant's evaluations: FOLDER/seedS/metrics.json of ``seeds`` (default: every seedS
+    sub-folder), or FOLDER/metrics.json itself where it is one evaluation."""
+    if seeds:
+        files = [folder / f"seed{seed}" / "metrics.json" for seed in seeds]
+        absent = [str(file) for file in files if not file.is_file()]
+        if absent:
+            raise click.ClickException(f"no evaluation {', '.join(absent)}")
+        return files
+    if (folder / "metrics.json").exists():
+        return [folder / "metrics.json"]
+    found = [p for p in folder.glob("seed*/metrics.json") if SEED_FOLDER.fullmatch(p.parent.name)]
+    found.sort(key=lambda p: int(p.parent.name[len("seed") :]))
+    return found or [folder / "metrics.json"]  # reading it says what is missing
+
+
+def _metrics_files(
+    runs: tuple[Path, ...], variants: tuple[str, ...], seeds: tuple[int, ...] = ()
+) -> list[Path]:
+    """The metrics.json of each run, a folder of runs expanded into its sub-folders (and those
+    into their seedS sub-folders)."""
     from astar.train.model import VARIANTS
 
     files = []
@@ -260,13 +284,35 @@ def _metrics_files(runs: tuple[Path, ...], variants: tuple[str, ...]) -> list[Pa
         if variants:
             names = list(variants)
         else:
-            found = sorted(p.parent.name for p in run.glob("*/metrics.json"))
+            found = {p.parent.name for p in run.glob("*/metrics.json")}
+            found |= {p.parent.parent.name for p in run.glob("*/seed*/metrics.json")}
             order = {name: index for index, name in enumerate(VARIANTS)}
             names = sorted(found, key=lambda name: (order.get(name, len(order)), name))
         if not names:
             raise click.ClickException(f"{run}: no metrics.json in it or its sub-folders")
-        files.extend(run / name / "metrics.json" for name in names)
+        for name in names:
+            files.extend(_seed_files(run / name, seeds))
     return files
+
+
+def _read_run(path: Path):
+    """An evaluation's metrics file as a report Run (its seed: recorded, or from seedS/)."""
+    from astar.evaluate.report import Run
+
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise click.ClickException(f"{path}: cannot read metrics: {error}") from error
+    missing = [m for m in TABLE_METRICS if m not in metrics]
+    if missing:
+        raise click.ClickException(f"{path}: no {', '.join(missing)} in the metrics")
+    folder = SEED_FOLDER.fullmatch(path.parent.name) if path.name == "metrics.json" else None
+    seed = metrics.get("seed")
+    if seed is None and folder:
+        seed = int(folder.group(1))
+    evaluation = path.parent.parent if folder else path.parent
+    name = metrics.get("name") or (evaluation.name if path.name == "metrics.json" else path.stem)
+    return Run(name, seed, {m: metrics[m] for m in TABLE_METRICS}, str(path))
 
 
 @click.command("score-references", context_settings={"help_option_names": ["-h", "--help"]})
@@ -308,43 +354,46 @@ def score_references(dataset: Path, split: str, out: Path) -> None:
     "(repeatable; default: every sub-folder with metrics.json, in the paper's order).",
 )
 @click.option(
+    "--seeds",
+    multiple=True,
+    type=int,
+    help="The runs of each variant of a folder of evaluations: its VARIANT/seedS sub-folders "
+    "(repeatable; default: every seedS sub-folder, or VARIANT itself if it holds metrics.json).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     help="Write report.md and report.json here.",
 )
 def report(
     runs: tuple[Path, ...], references: tuple[Path, ...], variants: tuple[str, ...],
-    out: Path | None,
+    seeds: tuple[int, ...], out: Path | None,
 ) -> None:  # fmt: skip
     """The paper-style table of evaluated RUNS: evaluation folders (with metrics.json), metrics
-    files, or folders of evaluation folders (one row per sub-folder, see --variants)."""
+    files, or folders of evaluation folders (one row per sub-folder, see --variants, each the
+    mean ± standard deviation over its seedS sub-folders, see --seeds). A model at or below the
+    most common caption's CIDEr-D (a --reference row) is flagged, with a warning: it learned
+    nothing. The exit status stays 0."""
+    from astar.evaluate.report import ReportError, build_report
+
+    evaluations = [_read_run(path) for path in _metrics_files(runs, variants, seeds)]
     rows = []
-    for path in _metrics_files(runs, variants):
-        try:
-            metrics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise click.ClickException(f"{path}: cannot read metrics: {error}") from error
-        missing = [m for m in TABLE_METRICS if m not in metrics]
-        if missing:
-            raise click.ClickException(f"{path}: no {', '.join(missing)} in the metrics")
-        rows.append(
-            {
-                "name": metrics.get("name")
-                or (path.parent.name if path.name == "metrics.json" else path.stem),
-                **{m: metrics[m] for m in TABLE_METRICS},
-            }
-        )
     for reference in references:
-        extra = json.loads(reference.read_text())
-        for name, values in extra.items():
-            rows.append(
-                {"name": name.replace("_", " "), **{m: values.get(m) for m in TABLE_METRICS}}
-            )
-    table = markdown_table(rows)
+        try:
+            extra = json.loads(reference.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            message = f"{reference}: cannot read reference rows: {error}"
+            raise click.ClickException(message) from error
+        rows.extend(extra.items())
+    try:
+        table = build_report(evaluations, rows)
+    except ReportError as error:
+        raise click.ClickException(str(error)) from error
+    text = table.to_markdown()
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(table)
-        _write_json(
-            out / "report.json", {"rows": rows, "metrics": list(TABLE_METRICS), "scale": 100}
-        )
-    click.echo(table, nl=False)
+        (out / "report.md").write_text(text)
+        _write_json(out / "report.json", table.to_json())
+    click.echo(text, nl=False)
+    for warning in table.warnings():
+        click.echo(warning, err=True)

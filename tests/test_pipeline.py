@@ -22,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("extract", "store", "train", "evaluate", "pipelines")
 VARIANTS = ["fc7", "soft", "hard"]
+SEED = 0  # models.seeds: [0], so the stages are train@VARIANT-0 and the folders VARIANT/seed0
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,7 +55,7 @@ def _ran(output: str) -> set[str]:
 def _tiny_params(project: Path, **train) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["demo"].update(n_train=8, n_val=2, n_test=2)  # a dozen videos
-    params["models"]["variants"] = VARIANTS
+    params["models"].update(variants=VARIANTS, seeds=[SEED])
     params["train"].update(max_epochs=1, **train)
     params["evaluate"].update(beam=2, figures=1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -81,7 +82,7 @@ def first_run(project: Path) -> str:
 
 def test_repro_runs_every_stage_and_reports_numbers(project: Path, first_run: str) -> None:
     expected = {"demo", "prepare", "references", "extract", "report"}
-    expected |= {f"{stage}@{v}" for stage in ("train", "evaluate") for v in VARIANTS}
+    expected |= {f"{stage}@{v}-{SEED}" for stage in ("train", "evaluate") for v in VARIANTS}
     assert _ran(first_run) == expected
     report = json.loads((project / "out/demo/report/report.json").read_text())
     names = [row["name"] for row in report["rows"]]
@@ -89,13 +90,26 @@ def test_repro_runs_every_stage_and_reports_numbers(project: Path, first_run: st
     for row in report["rows"]:
         for metric in report["metrics"]:
             assert isinstance(row[metric], float) and math.isfinite(row[metric]), (row, metric)
-    assert (project / "out/demo/report/report.md").read_text().count("\n") == 2 + len(names)
+    table = (project / "out/demo/report/report.md").read_text().split("\n\n")[0].rstrip()
+    assert table.count("\n") == 1 + len(names)
+    assert [(run["name"], run["seed"]) for run in report["runs"]] == [(v, SEED) for v in VARIANTS]
+    # Whatever one epoch on 8 videos learned, the flags and the warnings follow the numbers.
+    floor = report["rows"][-1]["CIDEr"]
+    flagged = [row["name"] for row in report["rows"][:-2] if row["CIDEr"] <= floor]
+    assert [flag["name"] for flag in report["learned_nothing"]] == flagged
+    for name in VARIANTS:
+        warned = f"WARNING: {name} (seed {SEED}) CIDEr-D" in first_run
+        assert warned == (name in flagged), name
+        assert (f"| {name} ⚠ |" in table) == (name in flagged), table
     for variant in VARIANTS:
-        metrics = json.loads((project / f"out/demo/eval/{variant}/metrics.json").read_text())
-        assert metrics["n_videos"] == 2 and metrics["n_missing"] == 0
-        curves = (project / f"out/demo/runs/{variant}/curves/val.csv").read_text().splitlines()
+        evaluation = project / f"out/demo/eval/{variant}/seed{SEED}"
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        assert metrics["n_videos"] == 2 and metrics["n_missing"] == 0 and metrics["seed"] == SEED
+        run = project / f"out/demo/runs/{variant}/seed{SEED}"
+        assert json.loads((run / "config.json").read_text())["train"]["seed"] == SEED
+        curves = (run / "curves/val.csv").read_text().splitlines()
         assert curves[0].startswith("epoch,step") and len(curves) == 2
-    pictures = list((project / "out/demo/eval/soft/figures").glob("*.png"))
+    pictures = list((project / f"out/demo/eval/soft/seed{SEED}/figures").glob("*.png"))
     assert len(pictures) == 1
     shown = _dvc(project, "metrics", "show", "--json")
     assert "CIDEr" in shown and "leave_one_out" in shown
@@ -111,11 +125,11 @@ def test_a_training_parameter_reruns_only_training_evaluation_and_report(
 ) -> None:
     _tiny_params(project, learning_rate=0.001)
     rerun = _ran(_dvc(project, "repro"))
-    expected = {f"{stage}@{v}" for stage in ("train", "evaluate") for v in VARIANTS}
+    expected = {f"{stage}@{v}-{SEED}" for stage in ("train", "evaluate") for v in VARIANTS}
     assert rerun == expected | {"report"}
     # The runs were finished, so --resume-or-restart trained them again from scratch.
     for variant in VARIANTS:
-        config = json.loads((project / f"out/demo/runs/{variant}/config.json").read_text())
+        run = project / f"out/demo/runs/{variant}/seed{SEED}"
+        config = json.loads((run / "config.json").read_text())
         assert config["train"]["learning_rate"] == 0.001
-        lines = (project / f"out/demo/runs/{variant}/metrics/val.jsonl").read_text().splitlines()
-        assert len(lines) == 1
+        assert len((run / "metrics/val.jsonl").read_text().splitlines()) == 1
