@@ -235,6 +235,22 @@ class Context:
             grid=self.grid,
         )
 
+    def at_least_float32(self) -> Context:
+        """The float tensors in float32 at least (bf16 from autocast), float64 kept."""
+
+        def widen(x: Tensor | None) -> Tensor | None:
+            if x is None or not x.is_floating_point():
+                return x
+            return x.to(torch.promote_types(x.dtype, torch.float32))
+
+        return Context(
+            initial_hidden=widen(self.initial_hidden),
+            locations=widen(self.locations),
+            projected=widen(self.projected),
+            mask=self.mask,
+            grid=self.grid,
+        )
+
     def repeat_interleave(self, repeats: int) -> Context:
         """Each row ``repeats`` times in a row (samples or beams of one caption/video)."""
         rows = torch.arange(len(self), device=self.initial_hidden.device)  # (N,)
@@ -818,6 +834,15 @@ class Captioner(nn.Module):
         """
         self._check_captions(tokens, video_index, features.batch_size)
         context = self.prepare(features)  # B rows
+        # Reduced precision (autocast) pays off in prepare's alignment convs only: the decoder's
+        # ops are small and latency-bound, and hard attention's learning signal is a difference
+        # of caption log-likelihoods that bf16's rounding of every step would blur. The words
+        # are scored in float32 (float64 stays float64).
+        context = context.at_least_float32()
+        with torch.autocast(features.fc7.device.type, enabled=False):
+            return self._caption_loss(context, tokens, video_index)
+
+    def _caption_loss(self, context: Context, tokens: Tensor, video_index: Tensor) -> CaptionLoss:
         n_tokens = (tokens != self.config.pad_id).sum()  # ()
         if not self.samples_layers:
             forced = self.teacher_force(context.index_select(video_index), tokens)  # n rows
