@@ -1,6 +1,9 @@
-"""Training throughput: captions/s per variant, data-wait fraction, video- vs caption-major.
+"""Training throughput: fp32 vs bf16, captions/s per variant, data wait, video- vs caption-major.
 
-    python benchmarks/bench_train.py [--steps 6] [--repeats 3] [--skip-major]
+    python benchmarks/bench_train.py [--steps 6] [--repeats 3] [--skip-major] [--precision-only]
+
+0. fp32 against bf16 autocast on the demo's batch shapes (soft and hard, c3d-tiny and
+   c3d-small channels): medians of interleaved optimizer steps, and the speed-up.
 
 1. Per variant, on a demo-sized store (c3d-small shapes, 16-32 frames per video, written to a
    temporary directory) with the small model preset: training captions/s through the real loader
@@ -147,6 +150,60 @@ def major_speedup(videos: int, captions_per_video: int, repeats: int) -> None:
     print(f"  speed-up of video-major: {cm / vm:.1f}x")
 
 
+def _timed_step(model: Captioner, optimizer, batch, bf16: bool) -> float:
+    started = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model.loss(*batch).loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - started
+
+
+def precision_speedup(repeats: int, videos: int = 4, captions_per_video: int = 5) -> None:
+    """fp32 against bf16 autocast, side by side: one optimizer step of the demo's batch
+    (``videos`` x ``captions_per_video``, 18 frames a video), small preset, c3d-tiny and
+    c3d-small channels. Medians of ``repeats`` interleaved steps after one warm-up each."""
+    from astar.extract.c3d import BACKBONES, cpu_has_fast_bf16
+
+    print(f"\nfp32 vs bf16 (autocast), {videos} videos x {captions_per_video} captions, N = 18")
+    if not cpu_has_fast_bf16():
+        print("  this CPU has no native bf16 (or ONEDNN_MAX_CPU_ISA caps it): bf16 is emulated,")
+        print("  and precision auto trains in fp32; measuring bf16 anyway")
+    print(f"{'backbone':>10} {'variant':>8} {'fp32 s':>8} {'bf16 s':>8} {'speed-up':>9}")
+    for backbone in ("c3d-tiny", "c3d-small"):
+        spec = BACKBONES[backbone]
+        channels = {"pool2": spec.conv2, "pool3": spec.conv3, "pool4": spec.conv4}
+        channels["pool5"] = spec.conv5
+        for variant in ("soft", "hard"):
+            torch.manual_seed(0)
+            config = CaptionerConfig.small(400, variant, layer_channels=channels, fc_dim=spec.fc)
+            model = Captioner(config).train()
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            features = FeatureBatch(
+                layers={
+                    name: torch.relu(torch.randn(videos, c, 18 // s, *SPATIAL[name]))
+                    for (name, c), s in zip(channels.items(), (2, 4, 8, 16), strict=True)
+                },
+                n_frames=torch.full((videos,), 18),
+                fc7=torch.relu(torch.randn(videos, spec.fc)),
+            )
+            tokens = torch.randint(3, 400, (videos * captions_per_video, 10))
+            tokens[:, -1] = 1
+            index = torch.arange(videos).repeat_interleave(captions_per_video)
+
+            def step(bf16: bool, model=model, optimizer=optimizer, batch=(features, tokens, index)):
+                return _timed_step(model, optimizer, batch, bf16)
+
+            step(False), step(True)  # warm-up: oneDNN builds its kernels
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(repeats):  # interleaved, so both see the same machine load
+                for bf16 in (False, True):
+                    times[bf16].append(step(bf16))
+            fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
+            print(f"{backbone:>10} {variant:>8} {fp32:8.3f} {bf16:8.3f} {fp32 / bf16:8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=120)
@@ -155,8 +212,14 @@ def main() -> None:
     parser.add_argument("--major-videos", type=int, default=2)
     parser.add_argument("--captions-per-video", type=int, default=4)
     parser.add_argument("--skip-major", action="store_true")
+    parser.add_argument(
+        "--precision-only", action="store_true", help="Only the fp32 vs bf16 comparison."
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    precision_speedup(max(args.repeats, 5))
+    if args.precision_only:
+        return
     with tempfile.TemporaryDirectory() as scratch:
         variant_throughput(demo_store(Path(scratch) / "store", args.videos), args.steps)
     if not args.skip_major:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from astar.extract.c3d import BACKBONES
 from astar.extract.decode import DecodeConfig
 from astar.extract.runner import ExtractConfig, InputError, extract_features
 
@@ -31,10 +32,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 )
 @click.option(
     "--backbone",
-    type=click.Choice(["c3d", "c3d-small"]),
+    type=click.Choice(sorted(BACKBONES)),
     default="c3d",
     show_default=True,
-    help="c3d: the paper's network; c3d-small: a quarter of the channels, for CPU demos.",
+    help="c3d: the paper's network; c3d-small / c3d-tiny: a quarter / an eighth of the "
+    "channels, for CPU demos and tests.",
 )
 @click.option(
     "--weights",

@@ -242,9 +242,12 @@ def test_a_caption_cut_at_max_length_never_outranks_a_finished_one(length_penalt
 
 
 def all_captions(words: list[int], max_length: int) -> list[list[int]]:
-    """Every caption of at most max_length tokens: ended by eos, or cut at max_length."""
+    """Every caption of at most max_length tokens: ended by eos, or cut at max_length; none
+    empty (a caption has at least one word)."""
     ended = [
-        [*prefix, EOS] for n in range(max_length) for prefix in itertools.product(words, repeat=n)
+        [*prefix, EOS]
+        for n in range(1, max_length)
+        for prefix in itertools.product(words, repeat=n)
     ]
     cut = [list(prefix) for prefix in itertools.product(words, repeat=max_length)]
     return ended + cut
@@ -356,11 +359,12 @@ def rigged(variant: str, token: int, bias: float) -> Captioner:
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_end_of_sentence_and_max_length(beam_size: int) -> None:
     features = videos([16, 40, 33], seed=10)
-    # eos certain: every caption is empty, finished at once, log p = log p(eos) ~ 0.
+    # eos certain: no caption is empty (eos cannot be the first word); each ends right after
+    # its one word, log p = log p(word) + log p(eos) ~ -40.
     for caption in beam_search(rigged("soft", EOS, 40.0), features, beam_size, max_length=7):
-        assert caption.tokens == [] and caption.finished and caption.n_steps == 1
-        assert caption.log_prob == pytest.approx(0.0, abs=1e-6)
-        assert caption.alpha.shape == (1, 2 * 16) and bool(caption.alpha.isnan().all())
+        assert len(caption.tokens) == 1 and caption.finished and caption.n_steps == 2
+        assert -45 < caption.log_prob < -35
+        assert caption.alpha.shape == (2, 2 * 16) and bool(caption.alpha[0].isnan().all())
     # eos impossible: every caption is cut at max_length, as greedy's would be.
     never_ends = rigged("soft", EOS, -40.0)
     cut = beam_search(never_ends, features, beam_size, max_length=7)
@@ -378,10 +382,10 @@ def test_one_token_is_the_best_first_word(beam_size: int) -> None:
     features = videos([16, 40], seed=12)
     with torch.inference_mode():
         first, _, _ = model.step(None, None, model.prepare(features))  # (B, V)
-    best_lp, best_word = first[:, 1:].max(dim=1)  # pad (0) excluded
+    best_lp, best_word = first[:, 2:].max(dim=1)  # pad (0) and eos (1, no empty caption) excluded
     for row, caption in enumerate(beam_search(model, features, beam_size, max_length=1)):
-        word = int(best_word[row]) + 1
-        assert generated(caption) == [word] and caption.finished == (word == EOS)
+        word = int(best_word[row]) + 2
+        assert generated(caption) == [word] and not caption.finished
         assert caption.log_prob == pytest.approx(float(best_lp[row]), abs=1e-6)
 
 

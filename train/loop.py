@@ -377,9 +377,10 @@ class Trainer:
                     state.nonfinite_in_a_row = 0
                 captions_seen += n_captions
                 rate = captions_seen / max(time.perf_counter() - started, 1e-9)
-                progress.set_postfix(
-                    loss=f"{result.loss:.3f}", captions_per_s=f"{rate:.0f}", refresh=False
-                )
+                postfix = {"loss": f"{result.loss:.3f}", "captions_per_s": f"{rate:.0f}"}
+                if result.beta_entropy is not None:  # layer attention: uniform is log L nats
+                    postfix["beta_entropy"] = f"{result.beta_entropy:.3f}"
+                progress.set_postfix(postfix, refresh=False)
                 progress.update(1)
                 self._log(
                     "train",
