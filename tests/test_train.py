@@ -50,7 +50,7 @@ def _trainer(store_path: Path, dataset_path: Path, out: Path, variant: str, **tr
 @pytest.mark.parametrize("variant", ["soft", "hard"])
 def test_killed_and_resumed_run_ends_with_the_same_parameters(tiny_corpus, tmp_path, variant):
     store, dataset = tiny_corpus()
-    settings = {"max_epochs": 2, "checkpoint_every": 2}
+    settings = {"max_epochs": 2, "checkpoint_every": 2, "lr_schedule": "cosine"}
     reference = _trainer(store, dataset, tmp_path / "a", variant, **settings)
     reference.run()
 
@@ -403,3 +403,26 @@ def test_validation_without_any_caption_is_a_warning(tiny_corpus, tmp_path, monk
     assert "epoch 1: validation captioned none of its 2 videos" in caplog.text
     assert "; 0 step(s) skipped as non-finite" in result.output
     assert "warning: 1 of 1 validation(s) gave every video an empty caption" in result.output
+
+
+def test_cosine_schedule_and_layer_attention_entropy_are_logged(tiny_corpus, tmp_path):
+    store, dataset = tiny_corpus()
+    trainer = _trainer(store, dataset, tmp_path / "run", "hard", max_epochs=2, lr_schedule="cosine")
+    steps = 2 * len(trainer.sampler)
+    assert trainer.learning_rate(0) == pytest.approx(2e-4)
+    assert trainer.learning_rate(steps // 2) == pytest.approx(1e-4)
+    assert trainer.learning_rate(steps) == pytest.approx(0.0, abs=1e-12)
+    trainer.run()
+    log = _train_log(tmp_path / "run")
+    rates = [record["learning_rate"] for record in log]
+    assert rates[0] == pytest.approx(2e-4) and rates == sorted(rates, reverse=True)
+    assert rates[-1] < 0.1 * rates[0]
+    # beta's entropy (nats): at most log L, the uniform choice over the L = 4 layers.
+    entropies = [record["beta_entropy"] for record in log]
+    assert all(0.0 < h <= math.log(4) + 1e-6 for h in entropies)
+    constant = _trainer(store, dataset, tmp_path / "c", "fc7", max_epochs=1)
+    assert {constant.learning_rate(k) for k in range(5)} == {2e-4}
+    constant.run()
+    assert all("beta_entropy" not in record for record in _train_log(tmp_path / "c"))
+    with pytest.raises(TrainingError, match="lr_schedule"):
+        _trainer(store, dataset, tmp_path / "d", "fc7", lr_schedule="linear")

@@ -69,6 +69,7 @@ class TrainConfig:
     prefetch: int = 2  # batches read ahead of the one computing
     max_steps: int | None = None  # stop after this many steps in total (tests, smoke runs)
     max_nonfinite_steps: int = 5  # non-finite loss/gradient steps in a row before giving up
+    lr_schedule: str = "constant"  # or "cosine": from learning_rate down to 0 at max_epochs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,6 +208,10 @@ class Trainer:
                 f"{len(missing)} training video(s) have no features in {store.path}: "
                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
             )
+        if config.lr_schedule not in ("constant", "cosine"):
+            raise TrainingError(
+                f"lr_schedule must be 'constant' or 'cosine', not {config.lr_schedule!r}"
+            )
         if config.max_nonfinite_steps < 1:
             raise TrainingError(
                 f"max_nonfinite_steps must be at least 1, not {config.max_nonfinite_steps}"
@@ -343,6 +348,22 @@ class Trainer:
         entropy = None if result.layer_entropy is None else float(result.layer_entropy)
         return StepResult(loss_sum / global_captions, norm_sum / self.world_size, skipped, entropy)
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): a function of the step alone,
+        so a resumed run follows the schedule of one that never stopped."""
+        config = self.config
+        if config.lr_schedule == "constant":
+            return config.learning_rate
+        total = config.max_epochs * len(self.sampler)
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+
+    def _set_learning_rate(self, step: int) -> None:
+        rate = self.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+
     def _loss(self, batch: CaptionBatch):
         if self.ddp is self.model:
             return self.model.loss(batch.features, batch.tokens, batch.video_index)
@@ -367,6 +388,7 @@ class Trainer:
             for plan, batch in zip(
                 plans[state.batch :], self.loader(plans[state.batch :]), strict=True
             ):
+                self._set_learning_rate(state.step)
                 result = self.train_step(batch, plan.global_captions, 0.0 if plan.dummy else 1.0)
                 n_captions = plan.global_captions
                 state.batch += 1
@@ -390,6 +412,7 @@ class Trainer:
                         "loss": _json_number(result.loss),
                         "grad_norm": _json_number(result.grad_norm),
                         "captions_per_s": rate,
+                        "learning_rate": self.optimizer.param_groups[0]["lr"],
                         "skipped": result.skipped,
                         **(
                             {}
