@@ -148,7 +148,9 @@ class CaptionerConfig:
         **overrides: Any,
     ) -> CaptionerConfig:
         """A CPU-sized model over the quarter-width "c3d-small" backbone (or given channels)."""
-        sizes = {"hidden_dim": 128, "embed_dim": 64, "attention_dim": 64, "samples": 4}
+        # K stays the paper's 10: with K = 4 the demo's beta got too weak a VIMCO learning signal
+        # and stayed uniform (entropy 1.33 of log 4 = 1.39 nats after 9 epochs; K = 10: 0.75).
+        sizes = {"hidden_dim": 128, "embed_dim": 64, "attention_dim": 64, "samples": 10}
         channels = dict(C3D_SMALL_LAYER_CHANNELS if layer_channels is None else layer_channels)
         return cls(
             vocab_size=vocab_size,
