@@ -244,11 +244,19 @@ def main(
                         "store": str(store),
                         "dataset": str(dataset),
                         "world_size": trainer.world_size,
+                        "precision_used": trainer.precision,  # what "auto" resolved to here
+                        "device": str(trainer.device),
                     },
                     indent=2,
                     default=str,
                 )
                 + "\n"
+            )
+        if trainer.rank == 0:
+            click.echo(
+                f"{out}: training {model_config.variant} on {trainer.device} in "
+                f"{trainer.precision} (precision {config.precision})",
+                err=True,
             )
         state = trainer.run()
     except (
