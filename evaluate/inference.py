@@ -43,7 +43,7 @@ class TrainedCaptioner:
 
     def check_store(self, store: FeatureStore) -> None:
         """Refuse a store whose features differ from the training store's, saying how."""
-        differences = self.schema.differences(store.schema)
+        differences = self.schema.differences(store.schema, "in training", "in the store")
         if differences:
             raise InferenceError(
                 f"{store.path} does not match the features {self.checkpoint} was trained on:\n  "

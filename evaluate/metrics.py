@@ -332,7 +332,8 @@ def _scored_ids(
     if missing and not allow_missing:
         raise MetricsError(
             f"{len(missing)} of {len(references)} reference videos have no prediction: "
-            f"{_first(missing)} (pass allow_missing=True to score the rest and list these)"
+            f"{_first(missing)} (score-captions --allow-missing, or allow_missing=True, scores "
+            "the rest and lists these)"
         )
     ids = [video for video in references if video in predictions]
     if not ids:

@@ -136,14 +136,17 @@ class StoreSchema:
         values.setdefault("versions", {})  # unknown, rather than this machine's
         return cls(**values)
 
-    def differences(self, other: StoreSchema) -> list[str]:
-        """Fields that differ, as ``name: <self> here, <other> there``; package versions ignored.
+    def differences(
+        self, other: StoreSchema, mine: str = "in the store", theirs: str = "asked"
+    ) -> list[str]:
+        """Fields that differ, as ``name: <self> <mine>, <other> <theirs>``; package versions
+        ignored.
 
         Versions differ after any upgrade without changing what the features mean, so they are
         recorded but never block reuse of a store.
         """
         return [
-            f"{f.name}: {getattr(self, f.name)!r} in the store, {getattr(other, f.name)!r} asked"
+            f"{f.name}: {getattr(self, f.name)!r} {mine}, {getattr(other, f.name)!r} {theirs}"
             for f in fields(self)
             if f.name != "versions" and getattr(self, f.name) != getattr(other, f.name)
         ]

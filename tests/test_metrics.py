@@ -269,6 +269,8 @@ def test_missing_prediction_raises_unless_allowed() -> None:
     predictions = {"v1": "a man is singing a song", "v3": "people dance"}
     with pytest.raises(MetricsError, match=r"1 of 3 reference videos have no prediction: 'v2'"):
         score_captions(predictions, REFERENCES, tokenize="whitespace", metrics=NO_METEOR)
+    with pytest.raises(MetricsError, match=r"score-captions --allow-missing, or allow_missing"):
+        score_captions(predictions, REFERENCES, tokenize="whitespace", metrics=NO_METEOR)
     scores = score_captions(
         predictions, REFERENCES, tokenize="whitespace", metrics=NO_METEOR, allow_missing=True
     )

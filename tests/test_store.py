@@ -221,6 +221,9 @@ def test_schema_mismatch_names_each_difference(built):
         FeatureStore.create_or_open(store.path, asked)
     message = str(caught.value)
     assert "fps: 2.0 in the store, 3.0 asked" in message and "size: 112" in message
+    # Each side is named for where it comes from (a checkpoint's schema against a store's).
+    labelled = store.schema.differences(asked, "in training", "in the store")
+    assert "fps: 2.0 in training, 3.0 in the store" in labelled
     assert "versions" not in message
     # Versions alone never block: same settings, other packages.
     same = replace(store.schema, versions={"torch": "0.0"})

@@ -130,6 +130,11 @@ def test_cli_trains_logs_and_refuses_to_overwrite(tiny_corpus, tmp_path):
 
     again = CliRunner().invoke(train_cli, args)
     assert again.exit_code == 1 and "--resume" in again.output
+    # --resume where nothing was saved is an error, never a silent fresh start.
+    empty = ["--out", str(tmp_path / "nothing")]
+    nothing = CliRunner().invoke(train_cli, [*args[:4], *empty, *args[6:], "--resume"])
+    assert nothing.exit_code == 1 and "holds no checkpoint (last.pt)" in nothing.output
+    assert not (tmp_path / "nothing" / "metrics").exists()
     unknown = tmp_path / "bad.yaml"
     unknown.write_text("train:\n  learning_rat: 0.1\n")
     bad = CliRunner().invoke(train_cli, [*args[:-2], "--params", str(unknown)])

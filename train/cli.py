@@ -227,7 +227,12 @@ def main(
                 clear_run(out)  # also the logs of a run killed before its first checkpoint
             if trainer.world_size > 1:
                 torch.distributed.barrier()  # nobody reads OUT while rank 0 clears it
-        elif resume and (out / "last.pt").exists():
+        elif resume:
+            if not (out / "last.pt").exists():
+                raise click.ClickException(
+                    f"--resume: {out} holds no checkpoint (last.pt) to continue; run without "
+                    "--resume to start afresh"
+                )
             trainer.resume(out / "last.pt")
         elif (out / "last.pt").exists():
             raise click.ClickException(
