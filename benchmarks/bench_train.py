@@ -192,14 +192,13 @@ def precision_speedup(repeats: int, videos: int = 4, captions_per_video: int = 5
             tokens[:, -1] = 1
             index = torch.arange(videos).repeat_interleave(captions_per_video)
 
-            def step(bf16: bool, model=model, optimizer=optimizer, batch=(features, tokens, index)):
-                return _timed_step(model, optimizer, batch, bf16)
-
-            step(False), step(True)  # warm-up: oneDNN builds its kernels
+            batch = (features, tokens, index)
+            for bf16 in (False, True):  # warm-up: oneDNN builds its kernels
+                _timed_step(model, optimizer, batch, bf16)
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(repeats):  # interleaved, so both see the same machine load
                 for bf16 in (False, True):
-                    times[bf16].append(step(bf16))
+                    times[bf16].append(_timed_step(model, optimizer, batch, bf16))
             fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
             print(f"{backbone:>10} {variant:>8} {fp32:8.3f} {bf16:8.3f} {fp32 / bf16:8.2f}x")
 

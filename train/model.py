@@ -46,6 +46,11 @@ VARIANTS = ("fc7", "pool2", "pool3", "pool4", "pool5", "soft", "hard")
 MIN_FRAMES = 16  # C3D needs one 16-frame window for a pool5 step (ASTAR-NOTES, stage one)
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when autocast made it bf16/fp16; float32 and float64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class CaptionerConfigError(ValueError):
     """A captioner configuration (or pretrained embedding) that cannot describe a model."""
 
@@ -243,7 +248,7 @@ class Context:
         def widen(x: Tensor | None) -> Tensor | None:
             if x is None or not x.is_floating_point():
                 return x
-            return x.to(torch.promote_types(x.dtype, torch.float32))
+            return at_least_float32(x)
 
         return Context(
             initial_hidden=widen(self.initial_hidden),
@@ -349,7 +354,7 @@ class LocationNorm(nn.Module):
     def forward(self, locations: Tensor, mask: Tensor) -> Tensor:
         """(B, I, L, F) features, (B, I) valid locations -> (B, I, L, F) normalised."""
         # Statistics in float32 at least (bf16 under autocast); float64 stays float64.
-        locations = locations.to(torch.promote_types(locations.dtype, torch.float32))
+        locations = at_least_float32(locations)
         if self.training:
             weight = rearrange(mask, "b i -> b i 1 1").to(locations.dtype)  # (B, I, 1, 1)
             sums = torch.stack(
@@ -404,8 +409,12 @@ def conv3d_exact(conv: nn.Conv3d, x: Tensor) -> Tensor:
     too, and an output step only sees inputs within half a kernel of it), and the kernel is
     then right (relative error 3e-3, bf16's own). fp32 and GPU runs are left untouched.
     """
-    if not _runs_in_bf16(x):
-        return conv(x)
+    return padded_conv3d(conv, x) if _runs_in_bf16(x) else conv(x)
+
+
+def padded_conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """``conv(x)`` computed on ``x`` zero-padded after its end to at least the kernel size in
+    every dimension, then cropped back: the same values (see ``conv3d_exact``)."""
     sizes = x.shape[2:]  # (T, h, w)
     short = [max(0, k - d) for d, k in zip(sizes, conv.kernel_size, strict=True)]
     if not any(short):
@@ -546,7 +555,7 @@ class AbstractionAttention(nn.Module):
         """log beta_t over layers: (N, L, F), (N, H) -> (N, L)."""
         energy = torch.tanh(self.summary_proj(summaries) + self.hidden_proj(hidden)[:, None])
         scores = rearrange(self.score(energy), "n l 1 -> n l")  # (N, L): b_tl
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # summed over t
+        scores = at_least_float32(scores)  # summed over t
         return scores.log_softmax(dim=-1)  # (N, L)
 
 
@@ -741,7 +750,7 @@ class Captioner(nn.Module):
             logits = self.output(self.dropout(hidden))  # (N, V): softmax(V dropout(h_t)), t >= 2
         # Caption log-likelihoods are sums of many terms near -5 and feed VIMCO's exponentials:
         # under bf16/fp16 autocast they are taken in float32 (float64 stays float64).
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
+        logits = at_least_float32(logits)  # (N, V)
         return logits.log_softmax(dim=-1), state, extras
 
     def _context_vector(
