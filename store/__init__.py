@@ -5,6 +5,7 @@ partition is written, resumed and committed.
 """
 
 from astar.store.errors import (
+    CorruptVideo,
     InvalidFeatures,
     PartitionLocked,
     SchemaMismatch,
@@ -31,6 +32,7 @@ __all__ = [
     "LAYERS",
     "OK",
     "TIME_STRIDES",
+    "CorruptVideo",
     "FeatureStore",
     "InvalidFeatures",
     "PartitionLocked",

@@ -28,3 +28,23 @@ class VideoNotFound(KeyError, StoreError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class CorruptVideo(StoreError):
+    """Stored data of one or more videos is lost (a missing chunk) or altered (checksum mismatch).
+
+    ``videos`` maps each affected video id to what is wrong with it, naming its partition and
+    layer, e.g. ``{"v1": "partition p00002, pool3: checksum mismatch"}``. Readers check every
+    video of a request before raising, so a caller that skips corrupt videos can read the rest.
+    """
+
+    def __init__(self, videos: dict[str, str], store: str = ""):
+        self.videos = dict(videos)
+        self.store = store
+        shown = "; ".join(f"video {vid!r}: {why}" for vid, why in list(self.videos.items())[:5])
+        more = f" (and {len(self.videos) - 5} more)" if len(self.videos) > 5 else ""
+        where = f" in {store}" if store else ""
+        super().__init__(
+            f"corrupt data{where}: {shown}{more}; `inspect-store --verify` lists every damaged "
+            "video, and re-extracting those partitions repairs them"
+        )
