@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from astar.extract.decode import DecodeConfig, IsolatedDecoder, VideoDecodeError
-from astar.store import FeatureStore, InvalidFeatures, PartitionPlan, StoreSchema
+from astar.store import FeatureStore, InvalidFeatures, PartitionPlan, StoreError, StoreSchema
+from astar.store.holders import live_holders, registered_writer
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +333,12 @@ _EXTRACTORS: dict = {}  # per worker process: C3D built once, reused for every p
 
 
 def _worker_extract(
-    store_path: str, partition: PartitionPlan, config: ExtractConfig, events, threads: int
+    store_path: str, partition: PartitionPlan, config: ExtractConfig, threads: int, events=None
 ) -> ExtractSummary:
     """Entry point of a worker process (local pool or Dask): one partition.
 
-    ``events`` is a queue for per-video progress, or None (Dask reports whole partitions).
+    ``events`` is a queue for per-video progress; in a local pool it comes from the worker's
+    initializer (:func:`_init_worker`); on Dask it is None (Dask reports whole partitions).
     """
     import torch
 
@@ -344,10 +346,33 @@ def _worker_extract(
     store = FeatureStore.open(store_path)
     if config not in _EXTRACTORS:
         _EXTRACTORS[config] = make_extractor(config)
+    events = events if events is not None else _WORKER_EVENTS.get("queue")
     report = (lambda vid, status: events.put((vid, status))) if events is not None else None
     return extract_partition(
         store, partition, _EXTRACTORS[config], config, report or (lambda vid, status: None)
     )
+
+
+_WORKER_EVENTS: dict = {}  # per local worker process: the parent's progress queue
+PARENT_POLL_S = 0.5  # how often a local worker checks that the process that started it lives
+
+
+def _init_worker(events, parent: int) -> None:
+    """Initializer of a local worker process: progress queue, and exit when the parent dies.
+
+    A worker whose parent was killed (``kill -9`` included, which runs no cleanup) would finish
+    its partition for nobody and then wait forever on its pool's pipe. It exits at once
+    instead; what it had staged stays on disk, and its partition lock is stale (its pid is
+    dead), so a rerun resumes the partition.
+    """
+    _WORKER_EVENTS["queue"] = events
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(3)  # no cleanup: the staged files are already atomic
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -375,8 +400,37 @@ def extract_features(
     out = Path(out)
     reason = restart_reason(out, schema) if restart_changed else ""
     if reason:
+        holders = live_holders(out / "locks")
+        if holders:
+            raise StoreError(
+                f"{out}: {reason}, but it is not deleted: a live process is writing it "
+                f"({'; '.join(holders)}). Wait for it to finish or stop it, or choose another "
+                "--out"
+            )
         shutil.rmtree(out)
     store = FeatureStore.create_or_open(out, schema)
+    owned = [extractor]  # handed over, so that the workers' branches can free it
+    del extractor
+    with registered_writer(out):  # seen by a --resume-or-restart about to delete the store
+        summary = _extract_todo(store, videos, config, owned, progress, reason)
+    summary.seconds = time.perf_counter() - started
+    return summary, store
+
+
+def _extract_todo(
+    store: FeatureStore,
+    videos: list[tuple[str, str]],
+    config: ExtractConfig,
+    owned: list,
+    progress: bool,
+    reason: str,
+) -> ExtractSummary:
+    """Plan ``videos`` into ``store`` and extract what is not complete yet.
+
+    ``owned`` holds the extractor, taken out of it here: the branches whose workers build their
+    own free it before they start.
+    """
+    extractor = owned.pop()
     store.plan(videos, partition_size=config.partition_size)
     wanted = {vid for vid, _ in videos}
     # Partitions already complete hold videos this run does not redo.
@@ -418,8 +472,7 @@ def extract_features(
     finally:
         bar.close()
         store.consolidate()
-    summary.seconds = time.perf_counter() - started
-    return summary, store
+    return summary
 
 
 def _extract_on_dask(store: FeatureStore, todo: list[PartitionPlan], config: ExtractConfig, bar):
@@ -442,7 +495,6 @@ def _extract_on_dask(store: FeatureStore, todo: list[PartitionPlan], config: Ext
                 str(store.path),
                 part,
                 config,
-                None,
                 threads,
                 key=f"astar-extract-{store.path.name}-{part.name}",
                 pure=False,
@@ -469,30 +521,36 @@ def _extract_in_workers(
     workers = min(config.workers, len(todo))
     threads = max(1, (os.cpu_count() or 1) // workers)
     summary = ExtractSummary()
-    with context.Manager() as manager:
-        events = manager.Queue()
-        stop = threading.Event()
+    # A plain queue, handed to the workers as they start (inheritance), rather than a manager:
+    # a manager is one more process that would outlive a killed parent.
+    events = context.Queue()
+    stop = threading.Event()
 
-        def drain() -> None:
-            while not stop.is_set() or not events.empty():
-                try:
-                    on_video(*events.get(timeout=0.1))
-                except queue.Empty:
-                    continue
+    def drain() -> None:
+        while not stop.is_set() or not events.empty():
+            try:
+                on_video(*events.get(timeout=0.1))
+            except queue.Empty:
+                continue
 
-        reporter = threading.Thread(target=drain, name="progress", daemon=True)
-        reporter.start()
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                futures = [
-                    pool.submit(_worker_extract, str(store.path), part, config, events, threads)
-                    for part in todo
-                ]
-                for future in futures:
-                    summary.merge(future.result())
-        finally:
-            stop.set()
-            reporter.join()
+    reporter = threading.Thread(target=drain, name="progress", daemon=True)
+    reporter.start()
+    try:
+        with ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(events, os.getpid()),
+        ) as pool:
+            futures = [
+                pool.submit(_worker_extract, str(store.path), part, config, threads)
+                for part in todo
+            ]
+            for future in futures:
+                summary.merge(future.result())
+    finally:
+        stop.set()
+        reporter.join()
     return summary
 
 

@@ -50,6 +50,20 @@ def check_finite(state: dict[str, Any], origin: str | Path) -> None:
         )
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def partial_checkpoints(out: str | Path) -> list[Path]:
+    """Temporaries in ``out`` of checkpoint saves that were killed before their rename."""
+    return sorted(
+        entry
+        for name in ("last.pt", "best.pt")
+        for entry in Path(out).glob(_temporary_prefix(Path(name)) + "*")
+        if entry.is_file()
+    )
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically: a reader sees the old file or the new, whole.
 
@@ -60,7 +74,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     if "model" in payload:
         check_finite(payload["model"], f"refusing to write {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
             torch.save({"checkpoint_version": CHECKPOINT_VERSION, **payload}, stream)

@@ -6,6 +6,7 @@ nccl on GPU); the global batch is ``videos_per_batch x captions_per_video x N`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -161,7 +162,7 @@ def main(
     from astar.pipelines.datasets import Dataset, DatasetError
     from astar.store import FeatureStore, StoreError
     from astar.train.checkpoint import CheckpointError
-    from astar.train.loop import CaptionData, Trainer, clear_run, store_layers
+    from astar.train.loop import CaptionData, Trainer, run_directory, store_layers
     from astar.train.vocab import VocabularyError
     from astar.train.wordvec import WordVectorsError
 
@@ -217,6 +218,27 @@ def main(
             else None
         )
         trainer = Trainer(feature_store, data, model_config, config, out, vectors, validate)
+        # Rank 0 holds OUT for the run: a second run there is refused before it touches anything.
+        held = run_directory(out) if trainer.rank == 0 else contextlib.nullcontext(out)
+        state = _run(trainer, held, model_config, config, store, dataset, resume, resume_or_restart)
+    except (
+        TrainingError, CheckpointError, StoreError, DatasetError, VocabularyError,
+        WordVectorsError, ValueError,
+    ) as error:  # fmt: skip
+        raise click.ClickException(str(error)) from error
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if trainer.rank == 0:
+        _print_summary(out, state, config)
+
+
+def _run(trainer, held, model_config, config, store, dataset, resume, resume_or_restart):
+    """Resume or start the run in its held directory, write config.json, train."""
+    from astar.train.loop import clear_run
+
+    out = trainer.out
+    with held:
         if resume_or_restart:
             checkpoint = out / "last.pt"
             reason = trainer.resume_if_unfinished(checkpoint) if checkpoint.exists() else ""
@@ -264,27 +286,22 @@ def main(
                 err=True,
             )
         state = trainer.run()
-    except (
-        TrainingError, CheckpointError, StoreError, DatasetError, VocabularyError,
-        WordVectorsError, ValueError,
-    ) as error:  # fmt: skip
-        raise click.ClickException(str(error)) from error
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
-    if trainer.rank == 0:
+    return state
+
+
+def _print_summary(out: Path, state, config) -> None:
+    click.echo(
+        f"{out}: stopped ({state.stopped}) after {state.step} steps, epoch {state.epoch}; "
+        f"best {config.metric} {state.best_score:.2f} at epoch {state.best_epoch}; "
+        f"{state.skipped_steps} step(s) skipped as non-finite"
+    )
+    empty = state.empty_validations()
+    if empty:
         click.echo(
-            f"{out}: stopped ({state.stopped}) after {state.step} steps, epoch {state.epoch}; "
-            f"best {config.metric} {state.best_score:.2f} at epoch {state.best_epoch}; "
-            f"{state.skipped_steps} step(s) skipped as non-finite"
+            f"warning: {empty} of {len(state.history)} validation(s) gave every video an "
+            "empty caption",
+            err=True,
         )
-        empty = state.empty_validations()
-        if empty:
-            click.echo(
-                f"warning: {empty} of {len(state.history)} validation(s) gave every video an "
-                "empty caption",
-                err=True,
-            )
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ the run with a TrainingError. A checkpoint is never written with non-finite para
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,12 @@ import torch
 from torch import nn
 
 from astar.store import FeatureStore
+from astar.store.errors import PartitionLocked
+from astar.store.files import FileLock, atomic_write_text
 from astar.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    partial_checkpoints,
     random_states,
     restore_random_states,
     save_checkpoint,
@@ -301,6 +305,10 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.state = TrainState(**payload["state"])
         restore_random_states(payload["random"])
+        if self.rank == 0:  # the steps after the checkpoint are replayed: log them once
+            dropped = truncate_logs(self.out / "metrics", self.state.step, self.state.epoch)
+            if dropped:
+                log.info("dropped %d log record(s) written after step %d", dropped, self.state.step)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -512,6 +520,35 @@ def _json_number(value: float) -> float | None:
 
 
 RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics", "curves")  # what a run writes
+RUN_LOCK = "run.lock"  # held by the live run writing a run directory
+
+
+@contextlib.contextmanager
+def run_directory(out: str | Path) -> Iterator[Path]:
+    """Hold the run directory ``out`` for one training run; yield it, created.
+
+    A second run on the same ``out`` is refused (:class:`TrainingError` naming the holder's
+    pid) instead of interleaving its logs and checkpoints with the first one's. A run killed
+    without cleanup (``kill -9``) leaves a lock whose pid is dead: the next run breaks it. On
+    the way in, the temporaries of a checkpoint save that was killed midway are removed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / RUN_LOCK)
+    try:
+        lock.acquire()
+    except PartitionLocked as error:
+        raise TrainingError(
+            f"{out} is in use by another training run ({error}); wait for it to finish, stop "
+            "it, or choose another --out"
+        ) from None
+    try:
+        for leftover in partial_checkpoints(out):
+            log.warning("%s: removing the partial file of an interrupted checkpoint save", leftover)
+            leftover.unlink(missing_ok=True)
+        yield out
+    finally:
+        lock.release()
 
 
 def clear_run(out: str | Path) -> None:
@@ -525,6 +562,35 @@ def clear_run(out: str | Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def truncate_logs(metrics: Path, step: int, epoch: int) -> int:
+    """Drop the records after (``step``, ``epoch``) from the JSON-lines logs in ``metrics``;
+    return how many were dropped.
+
+    A run resumed from a checkpoint taken at that point replays what came after it, so the
+    records a killed run wrote past its last checkpoint would otherwise appear twice. Both
+    coordinates count: a validation is logged at the step of the epoch's last batch but with
+    the next epoch's number.
+    """
+    dropped = 0
+    for log_file in sorted(metrics.glob("*.jsonl")) if metrics.is_dir() else []:
+        lines = log_file.read_text().splitlines()
+        kept = [line for line in lines if _logged_by(line, step, epoch)]
+        if len(kept) != len(lines):
+            dropped += len(lines) - len(kept)
+            atomic_write_text(log_file, "".join(line + "\n" for line in kept))
+    return dropped
+
+
+def _logged_by(line: str, step: int, epoch: int) -> bool:
+    """Whether a log line was written at or before (step, epoch); a line cut short by a kill
+    was not (it is dropped)."""
+    try:
+        record = json.loads(line)
+        return record.get("step", math.inf) <= step and record.get("epoch", -1) <= epoch
+    except (ValueError, AttributeError, TypeError):
+        return False
 
 
 def write_curves(metrics: Path, curves: Path) -> None:
@@ -573,6 +639,8 @@ __all__ = [
     "clear_run",
     "compatibility_problems",
     "init_distributed",
+    "run_directory",
     "store_layers",
+    "truncate_logs",
     "write_curves",
 ]
