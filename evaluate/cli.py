@@ -76,11 +76,19 @@ def _references(dataset_dir: Path, split: str) -> dict[str, list[str]]:
     "--allow-missing", is_flag=True, help="Score videos without features as missing, counted."
 )
 @click.option("--device", default=None)
+@click.option(
+    "--on-corrupt",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="A video whose stored data fails its checksum: stop with an error naming it, or "
+    "skip it (scored over the rest; listed in metrics.json and counted).",
+)
 @click.option("--quiet", "-q", is_flag=True)
 def evaluate_captioner(
     checkpoint: Path, store: Path, dataset: Path, split: str, beam: int, max_length: int,
     length_penalty: float, batch_videos: int, out: Path, name: str | None, figures: int,
-    allow_missing: bool, device: str | None, quiet: bool,
+    allow_missing: bool, device: str | None, on_corrupt: str, quiet: bool,
 ) -> None:  # fmt: skip
     """Caption a dataset split from its stored features and score it (x 100)."""
     from astar.evaluate.inference import caption_store, load_trained
@@ -99,10 +107,23 @@ def evaluate_captioner(
                 f"(e.g. {', '.join(without[:5])}); pass --allow-missing to count them as missing"
             )
         ids = sorted(v for v in references if v in features)
+        corrupt: dict[str, str] = {}
         decoded = caption_store(
-            trained, features, ids, beam, max_length, length_penalty, batch_videos, not quiet
-        )
+            trained, features, ids, beam, max_length, length_penalty, batch_videos, not quiet,
+            on_corrupt=on_corrupt, corrupt=corrupt,
+        )  # fmt: skip
         predictions = {vid: trained.vocabulary.decode(d.tokens) for vid, d in decoded.items()}
+        if corrupt:  # skipped, said loudly, and recorded with the scores
+            ids = [vid for vid in ids if vid not in corrupt]
+            references = {vid: refs for vid, refs in references.items() if vid not in corrupt}
+            click.echo(
+                f"warning: {len(corrupt)} {split} video(s) skipped as corrupt (--on-corrupt "
+                f"skip); the scores are over the other {len(references)}:\n  "
+                + "\n  ".join(f"{vid}: {why}" for vid, why in sorted(corrupt.items())),
+                err=True,
+            )
+        if not references:
+            raise click.ClickException(f"no {split} video is left to score")
         scores = score_captions(predictions, references, allow_missing=allow_missing)
     except _user_errors() as error:
         raise click.ClickException(str(error)) from error
@@ -117,6 +138,7 @@ def evaluate_captioner(
             "checkpoint": str(checkpoint), "seed": seed,
             **scores.corpus, "n_videos": scores.n_videos,
             "n_missing": scores.n_missing, "missing": list(scores.missing),
+            "n_corrupt": len(corrupt), "corrupt": dict(sorted(corrupt.items())),
         },
     )  # fmt: skip
     _write_json(out / "per_video.json", scores.per_video)

@@ -95,12 +95,19 @@ def caption_store(
     length_penalty: float = 0.0,
     batch_videos: int = 32,
     progress: bool = False,
+    on_corrupt: str = "error",
+    corrupt: dict[str, str] | None = None,
 ) -> dict[str, DecodedCaption]:
-    """Decode ``video_ids`` of ``store`` in batches; the next batch is read while one decodes."""
+    """Decode ``video_ids`` of ``store`` in batches; the next batch is read while one decodes.
+
+    A video whose stored data fails its checksum raises :class:`~astar.store.CorruptVideo`,
+    or with ``on_corrupt="skip"`` is left out of the result and recorded in ``corrupt``
+    (id -> what is wrong) when a dict is given.
+    """
     from tqdm import tqdm
 
     trained.check_store(store)
-    source = FeatureSource(store, trained.model.config.attended_layers)
+    source = FeatureSource(store, trained.model.config.attended_layers, on_corrupt=on_corrupt)
     # Videos of similar length share a batch, so little alignment work goes into time padding.
     lengths = store.manifest.set_index("id")["n_frames"]
     video_ids = sorted(video_ids, key=lambda vid: (int(lengths[vid]), vid))
@@ -108,10 +115,14 @@ def caption_store(
     results: dict[str, DecodedCaption] = {}
     with tqdm(total=len(video_ids), unit="video", disable=not progress) as bar:
         for chunk in chunks:
-            features = collate_features(source.read(chunk), source.layers)
-            decoded = trained.decode(features, beam_size, max_length, length_penalty)
-            results.update(zip(chunk, decoded, strict=True))
+            read = [(v, r) for v, r in zip(chunk, source.read(chunk), strict=True) if r is not None]
+            if read:
+                features = collate_features([record for _, record in read], source.layers)
+                decoded = trained.decode(features, beam_size, max_length, length_penalty)
+                results.update(zip([vid for vid, _ in read], decoded, strict=True))
             bar.update(len(chunk))
+    if corrupt is not None:
+        corrupt.update(source.corrupt)
     return results
 
 

@@ -180,13 +180,14 @@ def test_resume_or_restart_continues_only_unfinished_runs(tiny_corpus, tmp_path)
 
 
 def test_trainer_standardises_fc7_with_the_training_videos(tiny_corpus, tmp_path):
+    from astar.train.data import FeatureSource
     from astar.train.loop import fc7_vectors
 
     store, dataset = tiny_corpus(splits=("train", "train", "val"))
     trainer = _trainer(store, dataset, tmp_path / "run", "fc7", max_steps=1)
     trainer.run()  # a fresh run sets them before its first step
     train_ids = sorted(Dataset.load(dataset).encoded_captions("train"))
-    vectors = fc7_vectors(FeatureStore.open(store), train_ids)  # (n, D)
+    vectors = fc7_vectors(FeatureSource(FeatureStore.open(store), ()), train_ids)  # (n, D)
     assert vectors.shape[0] == len(train_ids) == 4
     torch.testing.assert_close(trainer.model.fc7_mean, vectors.mean(0))
     torch.testing.assert_close(trainer.model.fc7_std, vectors.std(0))

@@ -65,9 +65,14 @@ def build_model_config(
     )
 
 
-def make_validator(store, dataset, split: str, max_length: int, batch_videos: int = 32):
+def make_validator(
+    store, dataset, split: str, max_length: int, batch_videos: int = 32, on_corrupt="error"
+):
     """Greedy-decode ``split`` and score it (BLEU, ROUGE-L, CIDEr-D; METEOR is left to evaluation
-    because its Java start-up costs more than a small validation set)."""
+    because its Java start-up costs more than a small validation set).
+
+    With ``on_corrupt="skip"``, videos whose stored data is damaged are left out of the score
+    and counted in the record (``corrupt_videos``)."""
     from astar.evaluate.decoding import greedy_decode
     from astar.evaluate.metrics import score_captions
     from astar.train.data import FeatureSource, collate_features
@@ -80,21 +85,36 @@ def make_validator(store, dataset, split: str, max_length: int, batch_videos: in
 
     def validate(model: Captioner) -> dict[str, float]:
         device = next(model.parameters()).device
-        source = FeatureSource(store, model.config.attended_layers)
+        source = FeatureSource(store, model.config.attended_layers, on_corrupt=on_corrupt)
         predictions = {}
         for start in range(0, len(ids), batch_videos):
-            chunk = ids[start : start + batch_videos]
-            features = collate_features(source.read(chunk), source.layers).to(device)
+            wanted = ids[start : start + batch_videos]
+            readable = [
+                (v, r) for v, r in zip(wanted, source.read(wanted), strict=True) if r is not None
+            ]
+            if not readable:  # every one skipped as corrupt
+                continue
+            chunk = [vid for vid, _ in readable]
+            records = [record for _, record in readable]
+            features = collate_features(records, source.layers).to(device)
             for vid, decoded in zip(chunk, greedy_decode(model, features, max_length), strict=True):
                 predictions[vid] = vocabulary.decode(decoded.tokens)
+        scored = [vid for vid in ids if vid in predictions]
+        if not scored:
+            raise TrainingError(f"every {split} video's stored data is corrupt in {store.path}")
         scores = score_captions(
             predictions,
-            {vid: references[vid] for vid in ids},
+            {vid: references[vid] for vid in scored},
             metrics=("BLEU", "ROUGE_L", "CIDEr"),
         )
         kept = {k: v for k, v in scores.corpus.items() if k in ("BLEU-4", "ROUGE_L", "CIDEr")}
         # A model that ends every caption at once scores ~0 everywhere: say so in the record.
-        return {**kept, "n_videos": len(ids), "empty_captions": len(scores.empty_predictions)}
+        return {
+            **kept,
+            "n_videos": len(scored),
+            "empty_captions": len(scores.empty_predictions),
+            "corrupt_videos": len(ids) - len(scored),
+        }
 
     return validate
 
@@ -140,6 +160,13 @@ def make_validator(store, dataset, split: str, max_length: int, batch_videos: in
 @click.option("--epochs", "max_epochs", type=int, default=None)
 @click.option("--max-steps", type=int, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option(
+    "--on-corrupt",
+    type=click.Choice(["error", "skip"]),
+    default=None,
+    help="A video whose stored data fails its checksum: stop with an error naming it "
+    "(default), or skip it and list it in the summary.",
+)
 @click.option("--verbose", "-v", is_flag=True)
 def main(
     store: Path,
@@ -156,6 +183,7 @@ def main(
     max_epochs: int | None,
     max_steps: int | None,
     seed: int | None,
+    on_corrupt: str | None,
     verbose: bool,
 ) -> None:
     """Train the ASTAR captioner (or a baseline variant) on features from STORE."""
@@ -181,6 +209,7 @@ def main(
         "max_epochs": max_epochs,
         "max_steps": max_steps,
         "seed": seed,
+        "on_corrupt": on_corrupt,
     }
     train_values.update({k: v for k, v in flags.items() if v is not None})
     distributed = init_distributed()
@@ -213,7 +242,9 @@ def main(
             decode=data_set.vocabulary.decode,
         )
         validate = (
-            make_validator(feature_store, data_set, "val", config.max_length)
+            make_validator(
+                feature_store, data_set, "val", config.max_length, on_corrupt=config.on_corrupt
+            )
             if data.val_references
             else None
         )
@@ -295,6 +326,20 @@ def _print_summary(out: Path, state, config) -> None:
         f"best {config.metric} {state.best_score:.2f} at epoch {state.best_epoch}; "
         f"{state.skipped_steps} step(s) skipped as non-finite"
     )
+    if state.corrupt_videos:
+        shown = "\n  ".join(f"{vid}: {why}" for vid, why in sorted(state.corrupt_videos.items()))
+        click.echo(
+            f"warning: {len(state.corrupt_videos)} training video(s) skipped as corrupt "
+            f"(--on-corrupt skip):\n  {shown}",
+            err=True,
+        )
+    corrupt_val = max((r.get("corrupt_videos", 0) for r in state.history), default=0)
+    if corrupt_val:
+        click.echo(
+            f"warning: {corrupt_val} validation video(s) skipped as corrupt; validation scores "
+            "are over the rest",
+            err=True,
+        )
     empty = state.empty_validations()
     if empty:
         click.echo(

@@ -12,6 +12,8 @@ global batch.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import queue
 import threading
 from collections import OrderedDict
@@ -21,8 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from astar.store import FeatureStore
+from astar.store import CorruptVideo, FeatureStore
 from astar.train.model import FeatureBatch
+
+log = logging.getLogger(__name__)
 
 POOL_LAYERS = ("pool2", "pool3", "pool4", "pool5")
 
@@ -45,6 +49,8 @@ class CaptionBatch:
     tokens: torch.Tensor  # (n_captions, T) long, padded with 0, each caption ends with eos
     video_index: torch.Tensor  # (n_captions,) long: the video of each caption, in 0..B-1
     video_ids: tuple[str, ...]  # (B,)
+    # Stands in for a batch whose every video was skipped as corrupt: computed, weight 0.
+    dummy: bool = False
 
     def to(self, device: torch.device | str) -> CaptionBatch:
         return CaptionBatch(
@@ -52,6 +58,7 @@ class CaptionBatch:
             self.tokens.to(device),
             self.video_index.to(device),
             self.video_ids,
+            self.dummy,
         )
 
 
@@ -166,32 +173,70 @@ def collate_features(videos: Sequence, layers: Sequence[str]) -> FeatureBatch:
     return FeatureBatch(layers=padded, n_frames=n_frames, fc7=fc7)
 
 
-class FeatureSource:
-    """Reads videos from the store, optionally keeping them in an in-memory LRU cache."""
+ON_CORRUPT = ("error", "skip")  # what a reader does with a video whose stored data is damaged
 
-    def __init__(self, store: FeatureStore, layers: Sequence[str], cache_videos: int = 0):
+
+class FeatureSource:
+    """Reads videos from the store, optionally keeping them in an in-memory LRU cache.
+
+    The store checks every video it returns against its checksums. A damaged video raises
+    :class:`~astar.store.CorruptVideo` (``on_corrupt="error"``, the default), or, with
+    ``on_corrupt="skip"``, reads as None and is listed in :attr:`corrupt` (id -> what is
+    wrong), so that the caller can leave it out, say so and count it.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        layers: Sequence[str],
+        cache_videos: int = 0,
+        on_corrupt: str = "error",
+    ):
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, not {on_corrupt!r}")
         self.store = store
         self.layers = tuple(dict.fromkeys([*layers, "fc7"]))
         self.cache_videos = cache_videos
+        self.on_corrupt = on_corrupt
+        self.corrupt: dict[str, str] = {}  # video id -> what is wrong with its data
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
 
     def read(self, video_ids: Sequence[str]) -> list:
+        """The videos' records in the order of ``video_ids`` (None: skipped as corrupt)."""
         with self._lock:
             found = {v: self._cache[v] for v in video_ids if v in self._cache}
             for v in found:
                 self._cache.move_to_end(v)
-        missing = [v for v in video_ids if v not in found]
+        missing = [v for v in dict.fromkeys(video_ids) if v not in found and v not in self.corrupt]
         if missing:
-            for record in self.store.read_batch(missing, layers=self.layers):
+            for record in self._read_sound(missing):
                 found[record.id] = record
             if self.cache_videos:
                 with self._lock:
                     for v in missing:
-                        self._cache[v] = found[v]
+                        if v in found:
+                            self._cache[v] = found[v]
                     while len(self._cache) > self.cache_videos:
                         self._cache.popitem(last=False)
-        return [found[v] for v in video_ids]
+        return [found.get(v) for v in video_ids]
+
+    def _read_sound(self, video_ids: list[str]) -> list:
+        """Read ``video_ids``; in skip mode leave out (and list) the corrupt ones."""
+        while video_ids:
+            try:
+                return self.store.read_batch(video_ids, layers=self.layers)
+            except CorruptVideo as error:
+                if self.on_corrupt == "error":
+                    raise
+                for video_id, problem in error.videos.items():
+                    log.warning(
+                        "skipping video %r, its stored data is corrupt: %s", video_id, problem
+                    )
+                with self._lock:
+                    self.corrupt.update(error.videos)
+                video_ids = [v for v in video_ids if v not in error.videos]
+        return []
 
 
 class BatchLoader:
@@ -207,20 +252,33 @@ class BatchLoader:
         self.captions = captions
         self.prefetch = prefetch
         self.wait_seconds = 0.0  # time the consumer spent blocked on data, for benchmarks
+        self._last: CaptionBatch | None = None  # the last batch made, for an all-corrupt one
 
     def make(self, plan: BatchPlan) -> CaptionBatch:
-        videos = self.source.read(plan.video_ids)
-        features = collate_features(videos, self.source.layers)
+        """The batch of ``plan``, without the videos (and their captions) skipped as corrupt."""
+        records = self.source.read(plan.video_ids)
+        planned = zip(plan.video_ids, plan.captions, records, strict=True)
+        kept = [(vid, chosen, record) for vid, chosen, record in planned if record is not None]
+        if not kept:
+            # Every rank must still take the step together: redo the last batch at weight 0.
+            if self._last is None:
+                raise CorruptVideo(
+                    {vid: self.source.corrupt.get(vid, "corrupt") for vid in plan.video_ids},
+                    str(self.source.store.path),
+                )
+            return dataclasses.replace(self._last, dummy=True)
         encoded, video_index = [], []
-        for row, (vid, chosen) in enumerate(zip(plan.video_ids, plan.captions, strict=True)):
+        for row, (vid, chosen, _) in enumerate(kept):
             encoded += [self.captions[vid][i] for i in chosen]
             video_index += [row] * len(chosen)
-        return CaptionBatch(
-            features=features,
+        batch = CaptionBatch(
+            features=collate_features([record for _, _, record in kept], self.source.layers),
             tokens=pad_captions(encoded),
             video_index=torch.tensor(video_index, dtype=torch.long),
-            video_ids=plan.video_ids,
+            video_ids=tuple(vid for vid, _, _ in kept),
         )
+        self._last = batch
+        return batch
 
     def __call__(self, plans: Sequence[BatchPlan]) -> Iterator[CaptionBatch]:
         """Yield the batches of ``plans`` in order; a background thread stays ahead."""

@@ -42,7 +42,13 @@ from astar.train.checkpoint import (
     restore_random_states,
     save_checkpoint,
 )
-from astar.train.data import BatchLoader, CaptionBatch, FeatureSource, VideoMajorSampler
+from astar.train.data import (
+    ON_CORRUPT,
+    BatchLoader,
+    CaptionBatch,
+    FeatureSource,
+    VideoMajorSampler,
+)
 from astar.train.model import POOL_LAYERS, Captioner, CaptionerConfig
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps in total (tests, smoke runs)
     max_nonfinite_steps: int = 5  # non-finite loss/gradient steps in a row before giving up
     lr_schedule: str = "constant"  # or "cosine": from learning_rate down to 0 at max_epochs
+    on_corrupt: str = "error"  # damaged stored video: "error" stops, "skip" leaves it out, listed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +111,7 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, in all
     nonfinite_in_a_row: int = 0  # the current run of such steps (0 after a good step)
     nonfinite_since: int = 0  # the step that began the current run of non-finite steps
+    corrupt_videos: dict[str, str] = field(default_factory=dict)  # skipped: id -> what is wrong
 
     def empty_validations(self) -> int:
         """Validations in which every video's caption came out empty."""
@@ -171,11 +179,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
-def fc7_vectors(store: FeatureStore, ids: list[str], chunk: int = 256) -> torch.Tensor:
-    """(n, D): each video's mean fc7 vector (a_{L+1}), reading the fc7 layer only."""
+def fc7_vectors(source: FeatureSource, ids: list[str], chunk: int = 256) -> torch.Tensor:
+    """(n, D): each video's mean fc7 vector (a_{L+1}) for the ids ``source`` can read."""
     vectors = []
     for start in range(0, len(ids), chunk):
-        for record in store.read_batch(ids[start : start + chunk], layers=("fc7",)):
+        for record in source.read(ids[start : start + chunk]):
+            if record is None:  # skipped as corrupt
+                continue
             clips = torch.from_numpy(np.asarray(record.layers["fc7"], dtype=np.float32))
             vectors.append(clips.mean(dim=0))  # (D,)
     return torch.stack(vectors)  # (n, D)
@@ -216,6 +226,10 @@ class Trainer:
             raise TrainingError(
                 f"lr_schedule must be 'constant' or 'cosine', not {config.lr_schedule!r}"
             )
+        if config.on_corrupt not in ON_CORRUPT:
+            raise TrainingError(
+                f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, not {config.on_corrupt!r}"
+            )
         if config.max_nonfinite_steps < 1:
             raise TrainingError(
                 f"max_nonfinite_steps must be at least 1, not {config.max_nonfinite_steps}"
@@ -238,7 +252,9 @@ class Trainer:
         )
         layers = model_config.attended_layers
         self.loader = BatchLoader(
-            FeatureSource(store, layers, cache_videos=config.cache_videos),
+            FeatureSource(
+                store, layers, cache_videos=config.cache_videos, on_corrupt=config.on_corrupt
+            ),
             data.train,
             prefetch=config.prefetch,
         )
@@ -382,7 +398,9 @@ class Trainer:
         config, state = self.config, self.state
         fresh = state.step == 0 and state.epoch == 0 and state.batch == 0
         if fresh and self.model_config.fc7_norm == "standardize":  # resumed: in the checkpoint
-            self.model.set_fc7_statistics(fc7_vectors(self.store, sorted(self.data.train)))
+            source = FeatureSource(self.store, (), on_corrupt=self.config.on_corrupt)
+            self.model.set_fc7_statistics(fc7_vectors(source, sorted(self.data.train)))
+            self._note_corrupt(source)
         progress = _progress(len(self.sampler), enabled=self.rank == 0)
         while not state.stopped:
             if state.epoch >= config.max_epochs:
@@ -397,7 +415,9 @@ class Trainer:
                 plans[state.batch :], self.loader(plans[state.batch :]), strict=True
             ):
                 self._set_learning_rate(state.step)
-                result = self.train_step(batch, plan.global_captions, 0.0 if plan.dummy else 1.0)
+                self._note_corrupt(self.loader.source)
+                weight = 0.0 if plan.dummy or batch.dummy else 1.0
+                result = self.train_step(batch, plan.global_captions, weight)
                 n_captions = plan.global_captions
                 state.batch += 1
                 state.step += 1
@@ -449,6 +469,10 @@ class Trainer:
         if self.rank == 0:
             write_curves(self.out / "metrics", self.out / "curves")
         return state
+
+    def _note_corrupt(self, source: FeatureSource) -> None:
+        """Record in the state (and so in checkpoints) the videos ``source`` skipped as corrupt."""
+        self.state.corrupt_videos.update(source.corrupt)
 
     def _skipped(self, state: TrainState, result: StepResult) -> None:
         if state.nonfinite_in_a_row == 0:
