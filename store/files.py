@@ -8,8 +8,10 @@ new one, never a half-written file under a final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -203,3 +205,31 @@ class FileLock:
             if read_owner(self.path) == self.owner:
                 self.path.unlink()
         self.owner = None
+
+
+# --------------------------------------------------------------------------------------------
+# Running out of space
+
+
+def no_space_error(error: BaseException) -> OSError | None:
+    """The "no space left" (or quota) error in ``error`` or its causes, else None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def no_space_message(error: OSError, where: Path, kept: str) -> str:
+    """What a user needs after a full disk: which file, what is free now, what was kept."""
+    target = Path(error.filename) if error.filename else Path(where)
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = f"{shutil.disk_usage(existing).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    return f"no space left on the device while writing {target} ({free}). {kept}"
