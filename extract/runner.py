@@ -15,6 +15,7 @@ rerunning the same command resumes where it stopped.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from astar.extract.decode import DecodeConfig, IsolatedDecoder, VideoDecodeError
+from astar.pipelines.text import NotUTF8Error, decode_utf8
 from astar.store import FeatureStore, InvalidFeatures, PartitionPlan, StoreError, StoreSchema
 from astar.store.holders import live_holders, registered_writer
 
@@ -127,26 +129,34 @@ def _id_for(path: Path, root: Path | None, style: str) -> str:
 
 
 def _read_csv_list(path: Path) -> list[tuple[str, str]]:
-    """A CSV of ``id,path`` (header required); relative paths are relative to the CSV."""
+    """A CSV of ``id,path`` (header required); relative paths are relative to the CSV.
+
+    Errors name the file and line; the whole file is decoded first, so that a bad byte is
+    reported at its own line (a reader decoding in blocks knows only where the block began).
+    """
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or not {"id", "path"} <= set(reader.fieldnames):
-                raise InputError(
-                    f"{path}: expected a header with columns 'id' and 'path', "
-                    f"found {reader.fieldnames}"
-                )
-            videos = []
-            for line, row in enumerate(reader, start=2):
-                video_id, video_path = (row["id"] or "").strip(), (row["path"] or "").strip()
-                if not video_id or not video_path:
-                    raise InputError(f"{path}, line {line}: empty id or path")
-                source = Path(video_path)
-                if not source.is_absolute():
-                    source = path.parent / source
-                videos.append((video_id, str(source)))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        text = decode_utf8(path.read_bytes(), str(path))
+    except OSError as error:
         raise InputError(f"{path}: cannot read the video list: {error}") from error
+    except NotUTF8Error as error:
+        raise InputError(str(error)) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if reader.fieldnames is None or not {"id", "path"} <= set(reader.fieldnames):
+            raise InputError(
+                f"{path}: expected a header with columns 'id' and 'path', found {reader.fieldnames}"
+            )
+        videos = []
+        for row in reader:
+            video_id, video_path = (row["id"] or "").strip(), (row["path"] or "").strip()
+            if not video_id or not video_path:
+                raise InputError(f"{path}, line {reader.line_num}: empty id or path")
+            source = Path(video_path)
+            if not source.is_absolute():
+                source = path.parent / source
+            videos.append((video_id, str(source)))
+    except csv.Error as error:
+        raise InputError(f"{path}, line {reader.line_num}: malformed CSV: {error}") from None
     return videos
 
 

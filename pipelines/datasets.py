@@ -28,6 +28,7 @@ Malformed input raises ``DatasetError`` naming the file and the line or key.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from astar.pipelines.text import normalise_caption, sanitise_caption
+from astar.pipelines.text import NotUTF8Error, decode_utf8, normalise_caption, sanitise_caption
 from astar.train.vocab import VocabConfig, Vocabulary, VocabularyError
 
 __all__ = [
@@ -140,19 +141,23 @@ def _left_out(items: Sequence[str], why: str, examples: int = 10) -> dict[str, A
 # Reading files with line numbers
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) split on "\\n" only: a stray "\\r" or U+2028 inside a caption must not
-    start a new record (text-mode reading would split there)."""
+def _read_text(path: Path) -> str:
+    """A whole UTF-8 file (a byte-order mark dropped); a bad byte raises naming its line."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise DatasetError(f"{path}: cannot read: {error}") from error
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            yield number, raw.removesuffix(b"\r").decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DatasetError(f"{path}, line {number}: not UTF-8 text ({error.reason})") from None
+    try:
+        return decode_utf8(data, str(path))
+    except NotUTF8Error as error:
+        raise DatasetError(str(error)) from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) split on "\\n" only: a stray "\\r" or U+2028 inside a caption must not
+    start a new record (text-mode reading would split there)."""
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        yield number, line.removesuffix("\r")
 
 
 def _csv_rows(
@@ -163,52 +168,36 @@ def _csv_rows(
     A leading unnamed column (a pandas index written with the data) is ignored. A row with the
     wrong number of fields, or a missing required column, raises naming the file and line.
     """
-    try:
-        handle = path.open(newline="", encoding="utf-8-sig")
-    except OSError as error:
-        raise DatasetError(f"{path}: cannot read: {error}") from error
-    reader = csv.reader(handle, strict=True)
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
     try:
         header = next(reader, None)
-    except (csv.Error, UnicodeDecodeError) as error:
-        handle.close()
+    except csv.Error as error:
         raise DatasetError(f"{path}, line 1: malformed CSV header: {error}") from None
     if not header:
-        handle.close()
         raise DatasetError(f"{path}: empty file, expected a CSV header with {list(required)}")
     skip_index = header[0].strip() == "" or header[0].startswith("Unnamed")
     columns = [c.strip() for c in (header[1:] if skip_index else header)]
     missing = [c for c in required if c not in columns]
     if missing:
-        handle.close()
         raise DatasetError(
             f"{path}, line 1: missing column(s) {missing}; found {columns} "
             f"(required {list(required)}, optional {list(optional)})"
         )
 
     def rows() -> Iterator[tuple[int, dict[str, str]]]:
-        with handle:
-            number = 1
-            try:
-                for fields in reader:
-                    number = reader.line_num
-                    if not fields:
-                        continue
-                    if len(fields) != len(header):
-                        raise DatasetError(
-                            f"{path}, line {number}: expected {len(header)} fields, "
-                            f"found {len(fields)}"
-                        )
-                    values = fields[1:] if skip_index else fields
-                    yield number, dict(zip(columns, values, strict=True))
-            except csv.Error as error:
-                raise DatasetError(
-                    f"{path}, line {reader.line_num}: malformed CSV: {error}"
-                ) from None
-            except UnicodeDecodeError as error:
-                raise DatasetError(
-                    f"{path}, after line {number}: not UTF-8 text ({error.reason})"
-                ) from None
+        try:
+            for fields in reader:
+                number = reader.line_num
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    raise DatasetError(
+                        f"{path}, line {number}: expected {len(header)} fields, found {len(fields)}"
+                    )
+                values = fields[1:] if skip_index else fields
+                yield number, dict(zip(columns, values, strict=True))
+        except csv.Error as error:
+            raise DatasetError(f"{path}, line {reader.line_num}: malformed CSV: {error}") from None
 
     return columns, rows()
 
@@ -224,12 +213,7 @@ def _load_json(path: Path) -> Any:
             seen[key] = value
         return seen
 
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as error:
-        raise DatasetError(f"{path}: cannot read: {error}") from error
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text ({error.reason})") from None
+    text = _read_text(path)
     try:
         return json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as error:
@@ -985,10 +969,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    text = _read_text(path)  # decoded here, so that a bad byte is reported with its line
     try:
         # keep_default_na=False: a caption "NA" or "null" is text, not a missing value.
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DatasetError(f"{path}: malformed CSV: {error}") from None
     missing = [c for c in columns if c not in table.columns]
     if missing:

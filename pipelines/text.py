@@ -23,7 +23,14 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["METEOR_SEPARATOR", "normalise_caption", "sanitise_caption", "tokenize"]
+__all__ = [
+    "METEOR_SEPARATOR",
+    "NotUTF8Error",
+    "decode_utf8",
+    "normalise_caption",
+    "sanitise_caption",
+    "tokenize",
+]
 
 METEOR_SEPARATOR = "|||"
 
@@ -55,3 +62,31 @@ def normalise_caption(text: str) -> str:
 def tokenize(text: str) -> list[str]:
     """The words of a caption (normalised first, so raw text is accepted too)."""
     return normalise_caption(text).split()
+
+
+class NotUTF8Error(ValueError):
+    """A file's bytes are not UTF-8; the message names the file, line, column and byte."""
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` as text (a leading byte-order mark dropped), or NotUTF8Error naming ``where``
+    and the line and column of the first undecodable byte::
+
+        captions.csv, line 2: not UTF-8 (byte 0xff at column 7)
+
+    The whole file is decoded at once: a reader that decodes in blocks only knows the line it
+    had reached when the block failed, often line 1.
+    """
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise NotUTF8Error(_not_utf8(data, error, where)) from None
+
+
+def _not_utf8(data: bytes, error: UnicodeDecodeError, where: str) -> str:
+    line_start = data.rfind(b"\n", 0, error.start) + 1
+    line = data.count(b"\n", 0, error.start) + 1
+    # Everything before the first bad byte decodes; the column counts characters, as editors do.
+    column = len(data[line_start : error.start].decode("utf-8")) + 1
+    return f"{where}, line {line}: not UTF-8 (byte 0x{data[error.start]:02x} at column {column})"

@@ -578,3 +578,83 @@ def test_folder_errors_name_the_folder_and_the_layout(tmp_path):
         read_folder("mvad", tmp_path)
     result = CliRunner().invoke(prepare_cli, ["folder", "generic", str(tmp_path), "--out", "x"])
     assert result.exit_code == 1 and "annotations.csv" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# Bytes that are not UTF-8: reported at their own line and column
+
+
+def write_bytes(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "read", "message"),
+    [
+        (
+            "captions.csv",
+            b"video_id,caption,split\nv1,a c\xffat,train\n",
+            read_generic,
+            r"captions.csv, line 2: not UTF-8 \(byte 0xff at column 7\)$",
+        ),
+        (  # the bad byte far beyond the first block a text-mode reader decodes
+            "captions.csv",
+            b"video_id,caption,split\n" + b"v1,a cat,train\n" * 2000 + b"v2,\xe9t\xe9,train\n",
+            read_generic,
+            r"captions.csv, line 2002: not UTF-8 \(byte 0xe9 at column 4\)$",
+        ),
+        (  # a byte-order mark moves nothing; a two-byte character is one column
+            "captions.csv",
+            "\ufeffvideo_id,caption,split\nv1,caf\u00e9,train\nv2,".encode() + b"\xc3(,test\n",
+            read_generic,
+            r"captions.csv, line 3: not UTF-8 \(byte 0xc3 at column 4\)$",
+        ),
+        (
+            "captions.json",
+            b'[{"video_id": "v1", "caption": "a cat"},\n {"video_id": "v2", "caption": "\x80"}]',
+            read_generic,
+            r"captions.json, line 2: not UTF-8 \(byte 0x80 at column 33\)$",
+        ),
+    ],
+)
+def test_bad_bytes_are_reported_at_their_line(tmp_path, name, data, read, message):
+    path = write_bytes(tmp_path / name, data)
+    with pytest.raises(DatasetError, match=message):
+        read(path)
+
+
+def test_bad_bytes_in_msvd_files_name_their_line(tmp_path):
+    mapping = small_mapping(tmp_path)
+    sents = write_bytes(tmp_path / "sents_train_lc_nopunc.txt", b"vid1\ta cat\nvid1\ta \xffdog\n")
+    with pytest.raises(
+        DatasetError,
+        match=r"sents_train_lc_nopunc.txt, line 2: not UTF-8 \(byte 0xff at column 8\)",
+    ):
+        read_msvd_sents([sents], mapping)
+    bad_mapping = write_bytes(tmp_path / "map.txt", b"a_1_2 vid1\nb_1_2 vid2\n\xfe_1_2 vid3\n")
+    with pytest.raises(DatasetError, match=r"map.txt, line 3: not UTF-8 \(byte 0xfe at column 1\)"):
+        read_msvd_mapping(bad_mapping)
+
+
+@pytest.mark.parametrize("file", ["videos.csv", "captions.csv", "summary.json", "vocab.json"])
+def test_bad_bytes_in_a_saved_dataset_name_file_and_line(saved, file):
+    _, root = saved
+    lines = (root / file).read_bytes().split(b"\n")
+    lines[2] = b"\xff" + lines[2]
+    (root / file).write_bytes(b"\n".join(lines))
+    with pytest.raises(DatasetError, match=rf"{file}, line 3: not UTF-8 \(byte 0xff at column 1\)"):
+        Dataset.load(root)
+
+
+def test_bad_bytes_in_the_video_list_of_extract_features_name_their_line(tmp_path):
+    from astar.extract.runner import InputError, gather_videos
+
+    listing = write_bytes(tmp_path / "list.csv", b"id,path\nfirst,v0.mkv\nsecond,v\xff1.mkv\n")
+    with pytest.raises(InputError, match=r"list.csv, line 3: not UTF-8 \(byte 0xff at column 9\)"):
+        gather_videos([listing])
+    # Other errors of the list name the real line too, past blank and multi-line records.
+    listing.write_text('id,path\n\n"first\nclip",v0.mkv\n,v1.mkv\n')
+    with pytest.raises(InputError, match=r"list.csv, line 5: empty id or path"):
+        gather_videos([listing])

@@ -7,7 +7,6 @@ nccl on GPU); the global batch is ``videos_per_batch x captions_per_video x N`` 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,37 +14,23 @@ from typing import Any
 
 import click
 import torch
-import yaml
 
+from astar.store.files import no_space_error, no_space_message
 from astar.train.loop import TrainConfig, TrainingError, init_distributed
 from astar.train.model import VARIANTS, Captioner, CaptionerConfig
+from astar.train.params import FieldType, read_params, read_section
 
 log = logging.getLogger(__name__)
 
 
 def _read_params(path: Path | None) -> dict[str, Any]:
-    """The ``train`` and ``model`` sections of a params YAML file (other sections ignored)."""
-    if path is None:
-        return {}
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise click.ClickException(f"{path}: cannot read params: {error}") from error
-    if not isinstance(params, dict):
-        raise click.ClickException(f"{path}: expected a mapping at the top level")
-    return params
+    """The mapping of a params YAML file (astar.train.params.read_params)."""
+    return read_params(path)
 
 
 def _section(params: dict, name: str, cls: type, path: Path | None) -> dict[str, Any]:
-    section = params.get(name) or {}
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise click.ClickException(
-            f"{path}: unknown keys in '{name}': {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(known))})"
-        )
-    return dict(section)
+    """One section, each key and value checked against ``cls`` (astar.train.params)."""
+    return read_section(params, name, cls, path)
 
 
 def build_model_config(
@@ -155,11 +140,16 @@ def make_validator(
     help="For pipelines that rerun a step only when something changed (dvc repro): resume a "
     "run OUT left unfinished with the same settings and data, otherwise start OUT afresh.",
 )
-@click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda when available.")
+@click.option(
+    "--device",
+    type=FieldType(TrainConfig, "device"),
+    default=None,
+    help="cpu or cuda[:N]; default: cuda when available.",
+)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None)
-@click.option("--epochs", "max_epochs", type=int, default=None)
-@click.option("--max-steps", type=int, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--epochs", "max_epochs", type=FieldType(TrainConfig, "max_epochs"), default=None)
+@click.option("--max-steps", type=FieldType(TrainConfig, "max_steps"), default=None)
+@click.option("--seed", type=FieldType(TrainConfig, "seed"), default=None)
 @click.option(
     "--on-corrupt",
     type=click.Choice(["error", "skip"]),
@@ -257,6 +247,15 @@ def main(
         WordVectorsError, ValueError,
     ) as error:  # fmt: skip
         raise click.ClickException(str(error)) from error
+    except Exception as error:  # a full disk surfaces from torch.save, the logs, ...
+        full = no_space_error(error)
+        if full is None:
+            raise
+        kept = (
+            f"Checkpoints are written whole or not at all, so {out}/last.pt (if any) is intact: "
+            "free some space and rerun with --resume."
+        )
+        raise click.ClickException(no_space_message(full, out, kept)) from error
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from astar.pipelines.text import tokenize
+from astar.pipelines.text import NotUTF8Error, decode_utf8, tokenize
 
 __all__ = [
     "EOS",
@@ -217,9 +217,11 @@ class Vocabulary:
     def load(cls, path: str | Path) -> Vocabulary:
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(decode_utf8(path.read_bytes(), str(path)))
         except OSError as error:
             raise VocabularyError(f"{path}: cannot read the vocabulary: {error}") from error
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except NotUTF8Error as error:
+            raise VocabularyError(str(error)) from None
+        except json.JSONDecodeError as error:
             raise VocabularyError(f"{path}: not valid JSON: {error}") from error
         return cls.from_dict(data, origin=str(path))
