@@ -50,7 +50,11 @@ def _summary_text(summary: dict[str, Any]) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
 @click.option("--failures", is_flag=True, help="List the failed videos with kind and reason.")
-@click.option("--verify", is_flag=True, help="Read everything back; exit 1 on any problem.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Read everything back, name every damaged video; exit 1 on any problem.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def main(store_path: Path, failures: bool, verify: bool, as_json: bool) -> None:
     """Summarise the feature store STORE: schema, counts, size, progress."""
@@ -65,6 +69,7 @@ def main(store_path: Path, failures: bool, verify: bool, as_json: bool) -> None:
                 "problems": report.problems,
                 "warnings": report.warnings,
                 "videos_checked": report.videos_checked,
+                "damaged": report.damaged,
             }
     except StoreError as error:
         raise click.ClickException(str(error)) from error
@@ -83,6 +88,13 @@ def main(store_path: Path, failures: bool, verify: bool, as_json: bool) -> None:
                 click.echo(f"  warning: {warning}")
             for problem in checked["problems"]:
                 click.echo(f"  problem: {problem}")
+            if checked["damaged"]:
+                click.echo(
+                    f"\n{len(checked['damaged'])} damaged video(s), data lost or altered "
+                    "(re-extract their partitions):"
+                )
+            for video_id, why in checked["damaged"].items():
+                click.echo(f"  {video_id}\t{why}")
             if not checked["problems"]:
                 click.echo("  no problems")
     if verify and result["verify"]["problems"]:

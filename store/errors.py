@@ -30,6 +30,22 @@ class VideoNotFound(KeyError, StoreError):
         return str(self.args[0]) if self.args else ""
 
 
+class MissingChunk(StoreError):
+    """A chunk file that an array's shape implies is absent from storage.
+
+    Raised while reading, where zarr would return the fill value; readers turn it into
+    :class:`CorruptVideo` for the videos whose spans touch the chunk. ``key`` is the chunk's key
+    within its array, e.g. ``c.0.3.0.0``.
+    """
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"chunk {self.key} missing"
+
+
 class CorruptVideo(StoreError):
     """Stored data of one or more videos is lost (a missing chunk) or altered (checksum mismatch).
 
@@ -48,3 +64,7 @@ class CorruptVideo(StoreError):
             f"corrupt data{where}: {shown}{more}; `inspect-store --verify` lists every damaged "
             "video, and re-extracting those partitions repairs them"
         )
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, str], str]]:
+        # Rebuilt from its fields, not its message: it crosses process boundaries (loaders).
+        return type(self), (self.videos, self.store)

@@ -36,9 +36,9 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from astar.store.errors import SchemaMismatch, StoreError, VideoNotFound
+from astar.store.errors import CorruptVideo, SchemaMismatch, StoreError, VideoNotFound
 from astar.store.manifest import OK, empty_manifest, write_manifest
-from astar.store.partition import PartitionReader
+from astar.store.partition import PartitionReader, damage_text
 from astar.store.plan import PartitionPlan, extend_plan, read_plan, write_plan
 from astar.store.report import VerifyReport, verify_store
 from astar.store.schema import LAYERS, StoreSchema
@@ -63,6 +63,11 @@ class FeatureStore:
     ``store[video_id]``, or by batch, :meth:`read_batch`; only ok videos are readable, failed ones
     are in :attr:`manifest` with their status and reason.
 
+    Every video read is checked: a lost chunk or undecodable chunk, or values that differ from
+    the sha256 recorded at write time, raise :class:`CorruptVideo` naming each damaged video of
+    the request. ``verify=False`` skips the checksums (a lost chunk is still an error, never a
+    fill value); their cost is measured by ``benchmarks/bench_store_read.py``.
+
     Lookup by id is a dict built from the partition manifests at first use; a partition's
     arrays are opened once and kept. A store object sees the partitions complete at that first
     use; :meth:`refresh` (called by itself when an unknown id is asked for) picks up later ones.
@@ -71,9 +76,10 @@ class FeatureStore:
     its own arrays (a store object sent to a DataLoader worker is pickled without its caches).
     """
 
-    def __init__(self, path: Path, schema: StoreSchema):
+    def __init__(self, path: Path, schema: StoreSchema, verify: bool = True):
         self.path = path
         self.schema = schema
+        self.verify_reads = verify  # check each video read against its recorded sha256
         self._partitions: dict[str, PartitionReader] = {}  # complete partitions opened so far
         self._index: dict[str, tuple[PartitionReader, int]] | None = None  # id -> (partition, row)
 
@@ -81,17 +87,20 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r}, backbone={self.schema.backbone!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "schema": self.schema}
+        return {"path": self.path, "schema": self.schema, "verify": self.verify_reads}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["schema"])
+        self.__init__(state["path"], state["schema"], state.get("verify", True))
 
     # ----------------------------------------------------------------------------------------
     # Opening
 
     @classmethod
-    def open(cls, path: str | Path) -> FeatureStore:
-        """Open an existing store; :class:`StoreError` if ``path`` is none or of another format."""
+    def open(cls, path: str | Path, verify: bool = True) -> FeatureStore:
+        """Open an existing store; :class:`StoreError` if ``path`` is none or of another format.
+
+        ``verify=False`` reads without comparing checksums (benchmarks, trusted copies).
+        """
         path = Path(path)
         root = path / "zarr.json"
         try:
@@ -106,7 +115,7 @@ class FeatureStore:
             schema = StoreSchema.from_dict(metadata.get("attributes", {}))
         except StoreError as error:
             raise StoreError(f"{path}: {error}") from error
-        return cls(path, schema)
+        return cls(path, schema, verify)
 
     @classmethod
     def create_or_open(cls, path: str | Path, schema: StoreSchema) -> FeatureStore:
@@ -291,19 +300,36 @@ class FeatureStore:
     def read_batch(
         self, ids: Sequence[str], layers: Iterable[str] | None = None
     ) -> list[VideoFeatures]:
-        """Several videos at once, in the order of ``ids``, reading each needed chunk once."""
+        """Several videos at once, in the order of ``ids``, reading each needed chunk once.
+
+        :class:`CorruptVideo` if the data of any of them is lost or altered; it lists every
+        damaged video of the request, so the others can be read again without them.
+        """
         chosen = self._layers(layers)
         located = [self._locate(video_id) for video_id in ids]
         by_partition: dict[str, list[int]] = defaultdict(list)  # partition -> positions in ids
         for position, (part, _) in enumerate(located):
             by_partition[part.name].append(position)
         arrays: list[dict[str, np.ndarray]] = [{} for _ in ids]
+        # (video id, partition) -> layer -> what is wrong with it
+        damaged: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
         for positions in by_partition.values():
             part = located[positions[0]][0]
             rows = [located[p][1] for p in positions]
             for layer in chosen:
-                for position, data in zip(positions, part.read_layer(layer, rows), strict=True):
-                    arrays[position][layer] = data
+                data, lost = part.read_layer(layer, rows, verify=self.verify_reads)
+                for k, why in lost.items():
+                    damaged[ids[positions[k]], part.name][layer] = why
+                for position, array in zip(positions, data, strict=True):
+                    arrays[position][layer] = array  # type: ignore[assignment]  # None if lost
+        if damaged:
+            raise CorruptVideo(
+                {
+                    video_id: f"partition {name}, " + damage_text(wrong)
+                    for (video_id, name), wrong in damaged.items()
+                },
+                str(self.path),
+            )
         return [
             VideoFeatures(video_id, arrays[k], part.info(row))
             for k, (video_id, (part, row)) in enumerate(zip(ids, located, strict=True))

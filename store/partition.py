@@ -1,4 +1,10 @@
-"""Reading one complete partition: its manifest, and its arrays opened on demand."""
+"""Reading one complete partition: its manifest, and its arrays opened on demand.
+
+Every read is checked: a chunk that is missing or cannot be decoded damages exactly the videos
+whose spans touch it, and (with ``verify``) each video's values must match the sha256 recorded
+in the manifest at write time. Damage is returned, not raised, so that a caller sees every
+damaged video of a request at once.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from astar.store.errors import StoreError
+from astar.store.chunkstore import chunk_key, open_array
+from astar.store.errors import MissingChunk, StoreError
 from astar.store.manifest import parse_timestamps, read_manifest
 from astar.store.schema import LAYERS, time_axis
+from astar.store.writer import checksum
+
+SPANNED = ("timestamps", *LAYERS)  # arrays holding one span per ok video
 
 
 def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
@@ -32,18 +42,22 @@ class PartitionReader:
         self.table = read_manifest(path / "manifest.csv")
         self.rows = {video_id: row for row, video_id in enumerate(self.table["id"])}
         self.offsets = {
-            layer: self.table[f"{layer}_offset"].to_numpy(np.int64) for layer in LAYERS
-        }  # layer -> (videos,)
+            name: self.table[f"{name}_offset"].to_numpy(np.int64) for name in SPANNED
+        }  # array -> (videos,)
         self.lengths = {
-            layer: self.table[f"{layer}_length"].to_numpy(np.int64) for layer in LAYERS
-        }  # layer -> (videos,)
+            name: self.table[f"{name}_length"].to_numpy(np.int64) for name in SPANNED
+        }  # array -> (videos,)
+        self.sha256 = {
+            layer: self.table[f"{layer}_sha256"].to_numpy(object) for layer in LAYERS
+        }  # layer -> (videos,) hex digests
         self._arrays: dict[str, zarr.Array] = {}
 
     def array(self, name: str) -> zarr.Array:
+        """Array ``name``, opened so that reading a lost chunk raises :class:`MissingChunk`."""
         if name not in self._arrays:
             try:
-                self._arrays[name] = zarr.open_array(self.path / name, mode="r")
-            except (OSError, ValueError) as error:  # zarr's errors derive from ValueError
+                self._arrays[name] = open_array(self.path / name)
+            except (OSError, ValueError, TypeError, KeyError) as error:  # zarr's: ValueError
                 raise StoreError(
                     f"{self.path / name}: cannot open array ({error}); see inspect-store --verify"
                 ) from error
@@ -66,21 +80,85 @@ class PartitionReader:
             "timestamps": parse_timestamps(record["timestamps"]),  # (frames,)
         }
 
-    def read_layer(self, layer: str, rows: Sequence[int]) -> list[np.ndarray]:
-        """``layer`` of each of ``rows`` (in that order), reading every needed chunk once."""
-        array = self.array(layer)
-        axis = time_axis(layer)
-        starts = self.offsets[layer][list(rows)]  # (n,)
-        stops = starts + self.lengths[layer][list(rows)]  # (n,)
+    def read_layer(
+        self, layer: str, rows: Sequence[int], verify: bool = True
+    ) -> tuple[list[np.ndarray | None], dict[int, str]]:
+        """``layer`` of each of ``rows`` (in that order), reading every needed chunk once.
+
+        Returns the arrays and what is wrong with the damaged ones, position in ``rows`` -> reason
+        (their array is then None): a lost or unreadable chunk or array, and with ``verify``
+        values that differ from the manifest's checksum.
+        """
+        results, damaged = self.read_spans(layer, rows)
+        if verify:
+            expected = self.sha256[layer][list(rows)]  # (n,)
+            for k, data in enumerate(results):
+                if data is not None and checksum(data) != expected[k]:
+                    results[k], damaged[k] = None, "checksum mismatch"
+        return results, damaged
+
+    def read_spans(
+        self, name: str, rows: Sequence[int]
+    ) -> tuple[list[np.ndarray | None], dict[int, str]]:
+        """Array ``name`` (a layer or ``timestamps``) of each of ``rows``, and the damaged ones.
+
+        As :meth:`read_layer` without checksums. The spans are read in contiguous groups of
+        chunks; a group that cannot be read whole is read chunk by chunk, so that exactly the
+        rows touching a lost chunk are damaged (a chunk shared by several videos damages all).
+        """
+        try:
+            array = self.array(name)
+        except StoreError as error:  # no readable metadata: every row's data is lost
+            reason = f"array unreadable ({error.__cause__ or error})"
+            return [None] * len(rows), dict.fromkeys(range(len(rows)), reason)
+        axis = time_axis(name)
+        chunk = array.chunks[axis]
+        starts = self.offsets[name][list(rows)]  # (n,)
+        stops = starts + self.lengths[name][list(rows)]  # (n,)
         # Videos without time steps (pool5 of a very short video) read nothing.
         empty = np.empty((*array.shape[:axis], 0, *array.shape[axis + 1 :]), array.dtype)
-        results = [empty] * len(rows)
-        for group in chunk_groups(starts, stops, array.chunks[axis]):
+        results: list[np.ndarray | None] = [empty] * len(rows)
+        damaged: dict[int, str] = {}
+        for group in chunk_groups(starts, stops, chunk):
             low, high = int(starts[group].min()), int(stops[group].max())
-            block = array[_along(axis, low, high)]
+            block, lost = _read_block(array, axis, low, high)
             for k in group:
-                results[k] = block[_along(axis, int(starts[k]) - low, int(stops[k]) - low)]
-        return results
+                start, stop = int(starts[k]), int(stops[k])
+                first, last = start // chunk, (stop - 1) // chunk  # the chunks of the span
+                touched = [why for index, why in lost.items() if first <= index <= last]
+                if touched:
+                    results[k], damaged[k] = None, ", ".join(touched)
+                else:
+                    results[k] = block[_along(axis, start - low, stop - low)]
+        return results, damaged
+
+
+def _read_block(
+    array: zarr.Array, axis: int, low: int, high: int
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Steps ``low:high`` along ``axis``, and the chunks there that are lost (index -> reason).
+
+    One read when every chunk is sound. Otherwise the chunks are read one by one to tell which
+    are lost; their steps in the block are left NaN.
+    """
+    try:
+        return array[_along(axis, low, high)], {}
+    except Exception:  # a missing chunk or any codec error: find out below which chunk it is
+        pass
+    shape = (*array.shape[:axis], high - low, *array.shape[axis + 1 :])
+    block = np.full(shape, np.nan, array.dtype)
+    chunk = array.chunks[axis]
+    lost: dict[int, str] = {}
+    for index in range(low // chunk, (high - 1) // chunk + 1):
+        start, stop = max(low, index * chunk), min(high, (index + 1) * chunk)
+        try:
+            block[_along(axis, start - low, stop - low)] = array[_along(axis, start, stop)]
+        except MissingChunk as error:
+            lost[index] = str(error)
+        except Exception as error:  # the codec's own exception type varies (zstd: RuntimeError)
+            key = chunk_key(array, axis, index)
+            lost[index] = f"chunk {key} unreadable ({type(error).__name__}: {error})"
+    return block, lost
 
 
 def chunk_groups(starts: np.ndarray, stops: np.ndarray, chunk: int) -> list[list[int]]:
@@ -103,3 +181,8 @@ def chunk_groups(starts: np.ndarray, stops: np.ndarray, chunk: int) -> list[list
             groups.append([k])
             last_chunk = last
     return groups
+
+
+def damage_text(wrong: dict[str, str]) -> str:
+    """What is wrong with one video, array by array: ``pool3: chunk c.0.1.0.0 missing; ...``."""
+    return "; ".join(f"{name}: {why}" for name, why in wrong.items())

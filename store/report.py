@@ -3,14 +3,17 @@
 ``verify_store`` reads every stored byte back. It separates *problems* (the store is wrong:
 unreadable or missing chunks, checksums or lengths that disagree with the manifest, NaN/inf)
 from *warnings* (work left unfinished: staged videos, locks, partitions not complete yet), which
-a rerun of the extraction resolves.
+a rerun of the extraction resolves. Whatever broke, it names every video whose data is lost or
+altered (:attr:`VerifyReport.damaged`): the data is read as the readers read it, so a lost
+chunk damages exactly the videos whose spans touch it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +24,7 @@ import pandas as pd
 from astar.store.errors import StoreError
 from astar.store.files import TEMP_PREFIX, read_owner
 from astar.store.manifest import MISSING, OK, parse_timestamps, read_manifest
-from astar.store.partition import PartitionReader
+from astar.store.partition import PartitionReader, damage_text
 from astar.store.plan import PartitionPlan
 from astar.store.schema import LAYERS, StoreSchema, time_axis
 from astar.store.writer import checksum
@@ -39,6 +42,9 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)  # the store is inconsistent or corrupt
     warnings: list[str] = field(default_factory=list)  # unfinished work a rerun completes
     videos_checked: int = 0  # ok videos whose every layer was read and checked
+    # video id -> what is wrong with its data, as CorruptVideo words it ("partition p00002,
+    # pool3: chunk c.0.1.0.0 missing; fc7: checksum mismatch")
+    damaged: dict[str, str] = field(default_factory=dict)
 
 
 def verify_store(store: FeatureStore) -> VerifyReport:
@@ -88,11 +94,10 @@ def _check_partition(
     if not table["id"].is_unique:
         report.problems.append(f"{where}: duplicate ids in its manifest")
     ok = (table["status"] == OK).to_numpy()  # (videos,)
-    structure = _check_lengths(schema, table, ok, where)
-    structure += _check_arrays(schema, part, table, ok, where)
-    report.problems += structure
-    if structure:
-        return  # reading data laid out differently than described would only add noise
+    report.problems += _check_lengths(schema, table, ok, where)
+    report.problems += _check_arrays(schema, part, table, ok, where)
+    # Even after a structural problem: the readers go by the manifest's spans and checksums,
+    # so reading them tells exactly which videos a reader would find damaged.
     _check_values(part, table, ok, where, report)
 
 
@@ -167,60 +172,44 @@ def _check_values(
     """Every ok video's data: readable, finite, matching its checksum; timestamps as listed."""
     rows = np.flatnonzero(ok).tolist()
     ids = table["id"].to_numpy()
-    bad: set[int] = set()
-    for layer in LAYERS:
-        for start in range(0, len(rows), VERIFY_BATCH):
-            batch = rows[start : start + VERIFY_BATCH]
-            for row, data, error in _read_rows(part, layer, batch):
-                if error is not None:
-                    report.problems.append(
-                        f"{where}, video {ids[row]!r}, {layer}: unreadable ({error})"
-                    )
-                elif not np.isfinite(data).all():
-                    report.problems.append(
-                        f"{where}, video {ids[row]!r}, {layer}: NaN or inf values"
-                    )
-                elif checksum(data) != table[f"{layer}_sha256"].iat[row]:
-                    report.problems.append(
-                        f"{where}, video {ids[row]!r}, {layer}: checksum mismatch"
-                    )
-                else:
-                    continue
-                bad.add(row)
-    try:
-        stamps = part.array("timestamps")[:]  # (frames_total,)
-    except Exception as error:  # any codec error: report, do not stop verifying
-        report.problems.append(f"{where}/timestamps: unreadable ({type(error).__name__}: {error})")
-    else:
-        for row in rows:
-            start = int(table["timestamps_offset"].iat[row])
-            stored = stamps[start : start + int(table["timestamps_length"].iat[row])]
-            if not np.array_equal(stored, parse_timestamps(table["timestamps"].iat[row])):
-                report.problems.append(f"{where}, video {ids[row]!r}: timestamps differ")
-                bad.add(row)
-    report.videos_checked += len(rows) - len(bad)
+    damaged: dict[int, dict[str, str]] = defaultdict(dict)  # row -> array -> what is wrong
+    for start in range(0, len(rows), VERIFY_BATCH):
+        batch = rows[start : start + VERIFY_BATCH]
+        for layer in LAYERS:
+            for row, why in _layer_damage(part, layer, batch):
+                damaged[row][layer] = why
+        for row, why in _timestamps_damage(part, table, batch):
+            damaged[row]["timestamps"] = why
+    for row, wrong in sorted(damaged.items()):
+        report.problems += [
+            f"{where}, video {ids[row]!r}, {name}: {why}" for name, why in wrong.items()
+        ]
+        report.damaged[ids[row]] = f"partition {part.name}, " + damage_text(wrong)
+    report.videos_checked += len(rows) - len(damaged)
 
 
-def _read_rows(part: PartitionReader, layer: str, rows: list[int]):
-    """(row, data, None) per row, or (row, None, error) for the rows that cannot be read.
+def _layer_damage(part: PartitionReader, layer: str, rows: list[int]) -> Iterator[tuple[int, str]]:
+    """(row, what is wrong) for each of ``rows`` whose ``layer`` is lost, non-finite or altered."""
+    data, lost = part.read_layer(layer, rows, verify=False)
+    for k, row in enumerate(rows):
+        if k in lost:
+            yield row, lost[k]
+        elif not np.isfinite(data[k]).all():
+            yield row, "NaN or inf values"
+        elif checksum(data[k]) != part.sha256[layer][row]:
+            yield row, "checksum mismatch"
 
-    A batch is read at once; if that fails (a corrupt chunk), its rows are read one by one to
-    name exactly the videos affected.
-    """
-    try:
-        batch = part.read_layer(layer, rows)
-    except Exception:  # any codec error: fall back to single rows below, which report it
-        batch = None
-    if batch is not None:
-        yield from ((row, data, None) for row, data in zip(rows, batch, strict=True))
-        return
-    for row in rows:
-        try:
-            data = part.read_layer(layer, [row])[0]
-        except Exception as error:  # the codec's own exception type varies; report it
-            yield row, None, f"{type(error).__name__}: {error}"
-        else:
-            yield row, data, None
+
+def _timestamps_damage(
+    part: PartitionReader, table: pd.DataFrame, rows: list[int]
+) -> Iterator[tuple[int, str]]:
+    """(row, what is wrong) for each of ``rows`` whose stored timestamps are lost or differ."""
+    data, lost = part.read_spans("timestamps", rows)
+    for k, row in enumerate(rows):
+        if k in lost:
+            yield row, lost[k]
+        elif not np.array_equal(data[k], parse_timestamps(table["timestamps"].iat[row])):
+            yield row, "values differ from the manifest's"
 
 
 def _check_leftovers(

@@ -196,7 +196,8 @@ def _flip_bytes(path: Path) -> None:
 
 
 def test_training_and_evaluation_refuse_or_skip_corrupt_videos(tiny_corpus, tmp_path: Path):
-    store, dataset = tiny_corpus(n_videos=8, splits=("train", "train", "train", "val"))
+    # Three partitions of 4 videos; validation videos v0, v4, v8.
+    store, dataset = tiny_corpus(n_videos=12, splits=("val", "train", "train", "train"))
     pool3 = _chunk_files(store, "pool3")
     _flip_bytes(pool3[0])  # partition p00000
     pool2 = _chunk_files(store, "pool2")
@@ -214,7 +215,7 @@ def test_training_and_evaluation_refuse_or_skip_corrupt_videos(tiny_corpus, tmp_
 
     listing = _cli("inspect-store", store, "--verify")
     assert listing.returncode != 0
-    lost = {vid for vid in (f"v{k}" for k in range(8)) if f"'{vid}'" in listing.stdout}
+    lost = {vid for vid in (f"v{k}" for k in range(12)) if f"'{vid}'" in listing.stdout}
     assert lost, listing.stdout
 
     skipped = _cli("train-captioner", *args, "--on-corrupt", "skip")
@@ -223,6 +224,19 @@ def test_training_and_evaluation_refuse_or_skip_corrupt_videos(tiny_corpus, tmp_
     named = {vid for vid in lost if f"{vid}:" in skipped.stderr}
     assert named, skipped.stderr  # the skipped training videos are listed by id
     assert not (named - lost)  # and only damaged ones
+
+    evaluate = ["--checkpoint", out / "best.pt", "--store", store, "--dataset", dataset,
+                "--split", "val", "--beam", "1", "--out", tmp_path / "eval"]  # fmt: skip
+    refused = _cli("evaluate-captioner", *evaluate)
+    assert refused.returncode == 1 and "'v8'" in refused.stderr, refused.stderr
+    _no_traceback(refused)
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    scored = _cli("evaluate-captioner", *evaluate, "--on-corrupt", "skip")
+    assert scored.returncode == 0, scored.stderr
+    assert "1 val video(s) skipped as corrupt" in scored.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n_corrupt"] == 1 and list(metrics["corrupt"]) == ["v8"]
+    assert metrics["n_videos"] == 2  # v0 and v4, said in the record, not hidden
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,9 +253,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_extraction_is_a_message_and_the_rerun_resumes(
-    videos, tmp_path: Path
-):
+def test_a_full_disk_during_extraction_is_a_message_and_the_rerun_resumes(videos, tmp_path: Path):
     small = tmp_path / "small-disk"
     if not _mount_tmpfs(small, "1m"):
         pytest.skip("needs root and tmpfs to fill a disk (mount -t tmpfs)")

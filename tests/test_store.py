@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from astar.store import (
     INFO_KEYS,
     LAYERS,
+    CorruptVideo,
     FeatureStore,
     InvalidFeatures,
     PartitionLocked,
@@ -278,8 +279,9 @@ def test_layer_subset_reads_only_those_layers(built):
     video = fresh.get("vid001", layers=["pool5", "fc7"])
     assert set(video.layers) == {"pool5", "fc7"}
     np.testing.assert_array_equal(video.layers["fc7"], corpus.data["vid001"][0]["fc7"])
-    with pytest.raises(StoreError, match="pool2: cannot open array"):
+    with pytest.raises(CorruptVideo, match="partition p00000, pool2: array unreadable") as lost:
         fresh.get("vid001")
+    assert list(lost.value.videos) == ["vid001"]
     with pytest.raises(StoreError, match="unknown layer"):
         fresh.get("vid001", layers=["pool7"])
 
@@ -559,9 +561,13 @@ def test_verify_finds_a_corrupt_chunk_file(built):
     assert problems and all("p00001" in p and "pool3" in p for p in problems)
     # The chunk holds both ok videos of that partition (vid004 failed).
     for video_id in ("vid003", "vid005"):
-        assert any(f"'{video_id}', pool3: unreadable" in p for p in problems), problems
+        assert any(f"'{video_id}', pool3: chunk c.0.0.0.0 unreadable" in p for p in problems)
     chunk.unlink()
-    assert any("0 chunk files, 1 expected" in p for p in FeatureStore.open(store.path).verify())
+    problems = FeatureStore.open(store.path).verify()
+    assert "partitions/p00001/pool3: 0 chunk files, 1 expected" in problems
+    # The structural problem no longer hides which videos are lost.
+    for video_id in ("vid003", "vid005"):
+        assert f"partitions/p00001, video '{video_id}', pool3: chunk c.0.0.0.0 missing" in problems
 
 
 def test_verify_finds_values_that_do_not_match_their_checksum(built):
@@ -587,7 +593,7 @@ def test_inspect_store_cli(built):
     assert data["summary"]["videos"]["failed"] == {"corrupt": 1}
     assert data["summary"]["frames"] == sum(16 + 5 * k for k in (0, 1, 2, 3, 5, 6))
     assert data["failures"][0]["id"] == "vid004"
-    assert data["verify"] == {"problems": [], "warnings": [], "videos_checked": 6}
+    assert data["verify"] == {"problems": [], "warnings": [], "videos_checked": 6, "damaged": {}}
 
     fc7 = zarr.open_array(store.path / "partitions" / "p00002" / "fc7", mode="r+")
     fc7[0, 0] = np.nan

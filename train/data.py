@@ -261,12 +261,7 @@ class BatchLoader:
         kept = [(vid, chosen, record) for vid, chosen, record in planned if record is not None]
         if not kept:
             # Every rank must still take the step together: redo the last batch at weight 0.
-            if self._last is None:
-                raise CorruptVideo(
-                    {vid: self.source.corrupt.get(vid, "corrupt") for vid in plan.video_ids},
-                    str(self.source.store.path),
-                )
-            return dataclasses.replace(self._last, dummy=True)
+            return dataclasses.replace(self._last or self._stand_in(), dummy=True)
         encoded, video_index = [], []
         for row, (vid, chosen, _) in enumerate(kept):
             encoded += [self.captions[vid][i] for i in chosen]
@@ -279,6 +274,13 @@ class BatchLoader:
         )
         self._last = batch
         return batch
+
+    def _stand_in(self) -> CaptionBatch:
+        """A batch of the first readable video, for an all-corrupt batch before any other."""
+        for vid in sorted(self.captions):
+            if self.source.read([vid])[0] is not None:
+                return self.make(BatchPlan((vid,), ((0,),), global_captions=1))
+        raise CorruptVideo(dict(self.source.corrupt), str(self.source.store.path))
 
     def __call__(self, plans: Sequence[BatchPlan]) -> Iterator[CaptionBatch]:
         """Yield the batches of ``plans`` in order; a background thread stays ahead."""

@@ -1,0 +1,155 @@
+"""Feature store reads: what verifying every video against its sha256 costs.
+
+    python benchmarks/bench_store_read.py [--videos 32] [--repeats 5] [--batch 8]
+
+Builds a store in a temporary directory with the paper's C3D shapes in float16 (pool2
+(128, T/2, 28, 28) ... fc7 (clips, 4096)), 32-128 frames per video, ReLU-like random values
+(half zeros, so zstd compresses them as it does real features). Then reads every video, one at
+a time and in shuffled batches as training visits them, with checksums on (the default) and off
+(``FeatureStore.open(path, verify=False)``), interleaved in one process so that the ratios hold
+on a noisy shared machine. Prints medians over --repeats passes, the cost of verification in %
+and in ms per video, and the hash throughput that bounds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from astar.store import LAYERS, FeatureStore, StoreSchema
+from astar.store.writer import checksum
+
+# C3D (BACKBONES["c3d"] in astar.extract.c3d) on 112 x 112 frames, without the time axis.
+PAPER_SHAPES = {
+    "pool2": (128, 28, 28),
+    "pool3": (256, 14, 14),
+    "pool4": (512, 7, 7),
+    "pool5": (512, 4, 4),
+    "fc7": (4096,),
+}
+
+
+def build_store(root: Path, n_videos: int, partition_size: int, seed: int = 0) -> FeatureStore:
+    """A store of ``n_videos`` random videos of 32-128 frames with the paper's shapes."""
+    schema = StoreSchema(
+        fps=2.0, size=112, min_frames=16, max_frames=128, backbone="c3d",
+        weights="random(seed=0)", preprocessing="caffe-bgr-mean", clip_length=16, clip_stride=8,
+        layer_shapes=PAPER_SHAPES, dtype="float16",
+    )  # fmt: skip
+    store = FeatureStore.create_or_open(root, schema)
+    rng = np.random.default_rng(seed)
+    videos = [(f"v{k:04d}", f"/bench/v{k:04d}.mp4") for k in range(n_videos)]
+    for plan in store.plan(videos, partition_size=partition_size):
+        with store.partition_writer(plan.name) as writer:
+            for vid, source in plan.videos:
+                n_frames = int(rng.integers(32, 129))
+                lengths = schema.expected_lengths(n_frames)
+                features = {
+                    name: np.maximum(
+                        rng.standard_normal(schema.full_shape(name, lengths[name]), np.float32), 0
+                    )
+                    for name in LAYERS
+                }  # layer -> (C, T, H, W) or (clips, D)
+                info = {
+                    "n_frames": n_frames, "n_sampled": n_frames, "padded": False,
+                    "subsampled": False, "duration": n_frames / 2, "fps": None,
+                    "source_fps": 25.0, "timestamps": np.arange(n_frames) / 2,
+                }  # fmt: skip
+                writer.add(vid, source, features, info)
+            writer.commit()
+    return store
+
+
+def _seconds(run: Callable[..., object], *args: object) -> float:
+    started = time.perf_counter()
+    run(*args)
+    return time.perf_counter() - started
+
+
+def _one_at_a_time(store: FeatureStore, ids: list[str]) -> None:
+    for video_id in ids:
+        store[video_id]
+
+
+def _batches(store: FeatureStore, batches: list[list[str]]) -> None:
+    for batch in batches:
+        store.read_batch(batch)
+
+
+def hash_throughput(store: FeatureStore, ids: list[str], repeats: int) -> tuple[float, float]:
+    """GB/s of ``checksum`` on the views a read hands out, and of bare sha256 on one buffer."""
+    views = [array for video in store.read_batch(ids) for array in video.layers.values()]
+    total = sum(view.nbytes for view in views)
+    checksums = statistics.median(
+        _seconds(lambda: [checksum(view) for view in views]) for _ in range(repeats)
+    )
+    buffer = np.ascontiguousarray(views[0])
+    bare = statistics.median(
+        _seconds(lambda: hashlib.sha256(buffer.data).digest()) for _ in range(repeats)
+    )
+    return total / checksums / 1e9, buffer.nbytes / bare / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=32)
+    parser.add_argument("--partition-size", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="Videos per training batch.")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_store_read_") as folder:
+        started = time.perf_counter()
+        path = build_store(Path(folder) / "store", args.videos, args.partition_size).path
+        checked, unchecked = FeatureStore.open(path), FeatureStore.open(path, verify=False)
+        ids = checked.ids
+        raw = sum(
+            video.layers[layer].nbytes for video in checked.read_batch(ids) for layer in LAYERS
+        )
+        on_disk = sum(f.stat().st_size for f in (path / "partitions").rglob("c.*"))
+        print(
+            f"{len(ids)} videos, paper C3D shapes, float16: {raw / 1e6:.0f} MB of features, "
+            f"{on_disk / 1e6:.0f} MB on disk (zstd); built in {time.perf_counter() - started:.1f} s"
+        )
+        rng = np.random.default_rng(1)
+        order = [ids[k] for k in rng.permutation(len(ids))]  # shuffled, as an epoch visits them
+        batches = [order[k : k + args.batch] for k in range(0, len(order), args.batch)]
+        passes = {
+            "one at a time": lambda store: _one_at_a_time(store, order),
+            f"batches of {args.batch}": lambda store: _batches(store, batches),
+        }
+        for run in passes.values():  # warm-up: arrays opened, files in the page cache
+            run(checked), run(unchecked)
+        times: dict[tuple[str, bool], list[float]] = {(n, v): [] for n in passes for v in (1, 0)}
+        for _ in range(args.repeats):
+            for name, run in passes.items():  # interleaved, so that drift hits both alike
+                times[name, True].append(_seconds(run, checked))
+                times[name, False].append(_seconds(run, unchecked))
+
+        print(f"\nmedians of {args.repeats} passes over the {len(ids)} videos (all layers)")
+        header = f"{'read':>16} {'verify off':>11} {'verify on':>10} {'cost':>7} {'per video':>10}"
+        print(header + f" {'MB/s on':>8}")
+        for name in passes:
+            on = statistics.median(times[name, True])
+            off = statistics.median(times[name, False])
+            cost_ms = (on - off) / len(ids) * 1e3
+            print(
+                f"{name:>16} {off / len(ids) * 1e3:>8.1f} ms {on / len(ids) * 1e3:>7.1f} ms "
+                f"{(on / off - 1) * 100:>+6.1f}% {cost_ms:>+7.2f} ms {raw / on / 1e6:>8.0f}"
+            )
+        views, bare = hash_throughput(checked, ids, args.repeats)
+        print(
+            f"\nhash throughput (one core): checksum of the read views {views:.2f} GB/s, "
+            f"bare sha256 {bare:.2f} GB/s; {raw / len(ids) / 1e6:.1f} MB per video"
+        )
+
+
+if __name__ == "__main__":
+    main()
