@@ -250,6 +250,8 @@ class FeatureStore:
 
     def __contains__(self, video_id: object) -> bool:
         found = self._lookup().get(video_id)  # type: ignore[call-overload]
+        if found is None and isinstance(video_id, str):
+            found = self._lookup().get(video_id.strip())
         return found is not None and found[0].table["status"].iat[found[1]] == OK
 
     def __iter__(self) -> Iterator[str]:
@@ -260,6 +262,10 @@ class FeatureStore:
         if found is None:
             self.refresh()  # completed by another process since?
             found = self._lookup().get(video_id)
+        if found is None and isinstance(video_id, str) and video_id != video_id.strip():
+            # Video lists and datasets drop the spaces around an id, as a CSV typed by hand
+            # has them: " v1 " is v1 everywhere, here too.
+            found = self._lookup().get(video_id.strip())
         if found is None:
             raise VideoNotFound(self._missing_message(video_id))
         part, row = found

@@ -274,3 +274,16 @@ def test_a_full_disk_during_extraction_is_a_message_and_the_rerun_resumes(videos
     assert again.returncode == 0, again.stderr
     store = FeatureStore.open(moved)
     assert len(store.ids) == 6 and store.verify() == []
+
+
+def test_an_id_with_spaces_around_it_reads_back_by_what_the_user_wrote(videos, tmp_path: Path):
+    clips = videos(1)
+    listing = tmp_path / "list.csv"
+    listing.write_text(f'id,path\n"  spaced  ",{clips / "c00.mkv"}\n')
+    result = _cli("extract-features", listing, *SMALL, "--out", tmp_path / "store")
+    assert result.returncode == 0, result.stderr
+    store = FeatureStore.open(tmp_path / "store")
+    assert store.ids == ["spaced"]  # as the datasets' readers strip the caption files' ids
+    assert "  spaced  " in store
+    for layer, array in store["spaced"].layers.items():
+        assert (store["  spaced  "].layers[layer] == array).all(), layer
