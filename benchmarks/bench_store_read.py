@@ -1,6 +1,6 @@
 """Feature store reads: what verifying every video against its sha256 costs.
 
-    python benchmarks/bench_store_read.py [--videos 32] [--repeats 5] [--batch 8]
+    python benchmarks/bench_store_read.py [--videos 24] [--repeats 5] [--batch 8]
 
 Builds a store in a temporary directory with the paper's C3D shapes in float16 (pool2
 (128, T/2, 28, 28) ... fc7 (clips, 4096)), 32-128 frames per video, ReLU-like random values
@@ -8,7 +8,8 @@ Builds a store in a temporary directory with the paper's C3D shapes in float16 (
 a time and in shuffled batches as training visits them, with checksums on (the default) and off
 (``FeatureStore.open(path, verify=False)``), interleaved in one process so that the ratios hold
 on a noisy shared machine. Prints medians over --repeats passes, the cost of verification in %
-and in ms per video, and the hash throughput that bounds it.
+and in ms per video (hashing on the reader's threads, and on one), and the hash throughput that
+bounds it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from astar.store import LAYERS, FeatureStore, StoreSchema
+from astar.store import LAYERS, FeatureStore, StoreSchema, partition
 from astar.store.writer import checksum
 
 # C3D (BACKBONES["c3d"] in astar.extract.c3d) on 112 x 112 frames, without the time axis.
@@ -83,6 +84,27 @@ def _batches(store: FeatureStore, batches: list[list[str]]) -> None:
         store.read_batch(batch)
 
 
+def measure(
+    passes: dict[str, Callable[[FeatureStore], None]],
+    modes: dict[str, tuple[FeatureStore, int]],
+    repeats: int,
+) -> dict[tuple[str, str], list[float]]:
+    """Seconds of each pass in each mode (a store, and the threads hashing), interleaved."""
+    times: dict[tuple[str, str], list[float]] = {(p, m): [] for p in passes for m in modes}
+    default = partition.HASH_THREADS
+    try:
+        for round in range(repeats + 1):  # round 0 warms up: arrays opened, page cache filled
+            for name, run in passes.items():
+                for mode, (store, threads) in modes.items():
+                    partition.HASH_THREADS = threads
+                    took = _seconds(run, store)
+                    if round:
+                        times[name, mode].append(took)
+    finally:
+        partition.HASH_THREADS = default
+    return times
+
+
 def hash_throughput(store: FeatureStore, ids: list[str], repeats: int) -> tuple[float, float]:
     """GB/s of ``checksum`` on the views a read hands out, and of bare sha256 on one buffer."""
     views = [array for video in store.read_batch(ids) for array in video.layers.values()]
@@ -99,7 +121,7 @@ def hash_throughput(store: FeatureStore, ids: list[str], repeats: int) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--videos", type=int, default=32)
+    parser.add_argument("--videos", type=int, default=24)
     parser.add_argument("--partition-size", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="Videos per training batch.")
     parser.add_argument("--repeats", type=int, default=5)
@@ -125,25 +147,30 @@ def main() -> None:
             "one at a time": lambda store: _one_at_a_time(store, order),
             f"batches of {args.batch}": lambda store: _batches(store, batches),
         }
-        for run in passes.values():  # warm-up: arrays opened, files in the page cache
-            run(checked), run(unchecked)
-        times: dict[tuple[str, bool], list[float]] = {(n, v): [] for n in passes for v in (1, 0)}
-        for _ in range(args.repeats):
-            for name, run in passes.items():  # interleaved, so that drift hits both alike
-                times[name, True].append(_seconds(run, checked))
-                times[name, False].append(_seconds(run, unchecked))
+        modes = {
+            "off": (unchecked, partition.HASH_THREADS),
+            "on": (checked, partition.HASH_THREADS),
+            "on, 1 thread": (checked, 1),
+        }
+        times = measure(passes, modes, args.repeats)
 
-        print(f"\nmedians of {args.repeats} passes over the {len(ids)} videos (all layers)")
-        header = f"{'read':>16} {'verify off':>11} {'verify on':>10} {'cost':>7} {'per video':>10}"
-        print(header + f" {'MB/s on':>8}")
+        print(
+            f"\nmedians of {args.repeats} passes over the {len(ids)} videos (all layers), "
+            f"ms per video; hashing on {partition.HASH_THREADS} threads unless said"
+        )
+        print(
+            f"{'read':>16} {'verify':>13} {'ms/video':>9} {'MB/s':>6} {'cost':>7} {'ms/video':>9}"
+        )
         for name in passes:
-            on = statistics.median(times[name, True])
-            off = statistics.median(times[name, False])
-            cost_ms = (on - off) / len(ids) * 1e3
-            print(
-                f"{name:>16} {off / len(ids) * 1e3:>8.1f} ms {on / len(ids) * 1e3:>7.1f} ms "
-                f"{(on / off - 1) * 100:>+6.1f}% {cost_ms:>+7.2f} ms {raw / on / 1e6:>8.0f}"
-            )
+            off = statistics.median(times[name, "off"])
+            for mode in modes:
+                took = statistics.median(times[name, mode])
+                cost = "" if mode == "off" else f"{(took / off - 1) * 100:+6.1f}%"
+                extra = "" if mode == "off" else f"{(took - off) / len(ids) * 1e3:+8.2f}"
+                print(
+                    f"{name:>16} {mode:>13} {took / len(ids) * 1e3:>9.1f} "
+                    f"{raw / took / 1e6:>6.0f} {cost:>7} {extra:>9}"
+                )
         views, bare = hash_throughput(checked, ids, args.repeats)
         print(
             f"\nhash throughput (one core): checksum of the read views {views:.2f} GB/s, "

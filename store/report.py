@@ -24,10 +24,9 @@ import pandas as pd
 from astar.store.errors import StoreError
 from astar.store.files import TEMP_PREFIX, read_owner
 from astar.store.manifest import MISSING, OK, parse_timestamps, read_manifest
-from astar.store.partition import PartitionReader, damage_text
+from astar.store.partition import PartitionReader, checksums, damage_text
 from astar.store.plan import PartitionPlan
 from astar.store.schema import LAYERS, StoreSchema, time_axis
-from astar.store.writer import checksum
 
 if TYPE_CHECKING:
     from astar.store.featurestore import FeatureStore
@@ -191,12 +190,14 @@ def _check_values(
 def _layer_damage(part: PartitionReader, layer: str, rows: list[int]) -> Iterator[tuple[int, str]]:
     """(row, what is wrong) for each of ``rows`` whose ``layer`` is lost, non-finite or altered."""
     data, lost = part.read_layer(layer, rows, verify=False)
+    finite = [k for k in range(len(rows)) if k not in lost and np.isfinite(data[k]).all()]
+    digests = dict(zip(finite, checksums([data[k] for k in finite]), strict=True))
     for k, row in enumerate(rows):
         if k in lost:
             yield row, lost[k]
-        elif not np.isfinite(data[k]).all():
+        elif k not in digests:
             yield row, "NaN or inf values"
-        elif checksum(data[k]) != part.sha256[layer][row]:
+        elif digests[k] != part.sha256[layer][row]:
             yield row, "checksum mismatch"
 
 

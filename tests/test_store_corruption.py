@@ -8,6 +8,7 @@ and ``inspect-store --verify`` names every damaged video of the store, whatever 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import pickle
 import shutil
 from pathlib import Path
@@ -239,6 +240,22 @@ def test_verify_false_reads_without_hashing(damaged, monkeypatch):
     checked = FeatureStore.open(path)
     checked.read_batch(["v0", "v1"])
     assert len(hashed) == 2 * len(LAYERS)
+
+
+def _read_in_child(path: str, ids: list[str], done) -> None:
+    done.put(len(FeatureStore.open(path).read_batch(ids)))
+
+
+def test_reads_hash_on_threads_that_a_forked_child_remakes(damaged):
+    path, _ = damaged
+    store = FeatureStore.open(path)
+    store.read_batch(["v0", "v1", "v2"])  # the parent's hashing threads now exist
+    context = multiprocessing.get_context("fork")
+    done = context.Queue()
+    child = context.Process(target=_read_in_child, args=(str(path), ["v0", "v1", "v2"], done))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and done.get(timeout=1) == 3  # a stale pool would hang here
 
 
 def test_corrupt_video_survives_pickling():
