@@ -10,7 +10,7 @@ import click
 from astar.extract.c3d import BACKBONES
 from astar.extract.decode import DecodeConfig
 from astar.extract.runner import ExtractConfig, InputError, extract_features
-from astar.store.files import no_space_error, no_space_message
+from astar.store.files import no_space_report
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -156,14 +156,15 @@ def main(
     except _user_errors() as error:
         raise click.ClickException(str(error)) from error
     except Exception as error:  # a full disk surfaces from zarr, numpy or a worker process
-        full = no_space_error(error)
-        if full is None:
-            raise
-        kept = (
+        message = no_space_report(
+            error,
+            out,
             f"The store {out} is intact: every finished video is kept, and rerunning the same "
-            "command once space is freed resumes where it stopped."
+            "command once space is freed resumes where it stopped.",
         )
-        raise click.ClickException(no_space_message(full, out, kept)) from error
+        if message is None:
+            raise
+        raise click.ClickException(message) from error
     except KeyboardInterrupt:
         click.echo(
             "\ninterrupted: finished videos are kept; rerun the same command to resume", err=True

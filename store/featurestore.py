@@ -37,6 +37,7 @@ import pandas as pd
 import zarr
 
 from astar.store.errors import CorruptVideo, SchemaMismatch, StoreError, VideoNotFound
+from astar.store.files import FileLock
 from astar.store.manifest import OK, empty_manifest, write_manifest
 from astar.store.partition import PartitionReader, damage_text
 from astar.store.plan import PartitionPlan, extend_plan, read_plan, write_plan
@@ -45,6 +46,9 @@ from astar.store.schema import LAYERS, StoreSchema
 from astar.store.writer import PartitionWriter
 
 log = logging.getLogger(__name__)
+
+PLAN_LOCK = "plan.lock"  # under locks/: held while plan.json is read, extended and rewritten
+PLAN_LOCK_WAIT_S = 60.0  # planning takes milliseconds; wait this long for another planner
 
 
 @dataclass
@@ -161,12 +165,19 @@ class FeatureStore:
         """Plan ``(id, source)`` pairs into partitions and persist the plan; returns all of them.
 
         Stable: planned ids keep their partition, new ids go into new partitions. Duplicate ids,
-        and planned ids given with another source, are refused. Call from one process at a time.
+        and planned ids given with another source, are refused. Safe from several processes at
+        once: the read-extend-write of ``plan.json`` holds ``locks/plan.lock``, so no process's
+        additions are lost to another's.
         """
-        existing = self.partitions
-        partitions, added = extend_plan(existing, videos, partition_size)
-        if added:
-            write_plan(self.path / "plan.json", partitions)
+        lock = FileLock(self.path / "locks" / PLAN_LOCK)
+        lock.path.parent.mkdir(exist_ok=True)
+        lock.acquire(wait=PLAN_LOCK_WAIT_S)
+        try:
+            partitions, added = extend_plan(self.partitions, videos, partition_size)
+            if added:
+                write_plan(self.path / "plan.json", partitions)
+        finally:
+            lock.release()
         return partitions
 
     def is_complete(self, name: str) -> bool:

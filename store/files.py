@@ -142,17 +142,25 @@ class FileLock:
         self.path = path
         self.owner: LockOwner | None = None  # set while held
 
-    def acquire(self) -> None:
+    def acquire(self, wait: float = 0.0) -> None:
+        """Take the lock; :class:`PartitionLocked` if a live process holds it for more than
+        ``wait`` seconds (0: refuse at once)."""
         owner = LockOwner.me()
         temporary = temp_name(self.path)
         atomic_write_text(temporary, json.dumps(asdict(owner)))
-        deadline = time.monotonic() + 2.0
+        started = time.monotonic()
+        deadline = started + max(2.0, wait)
         try:
             while True:
                 if _link_exclusive(temporary, self.path):
                     self.owner = owner
                     return
-                self._break_if_stale(temporary)
+                try:
+                    self._break_if_stale(temporary)
+                except PartitionLocked:
+                    if time.monotonic() - started >= wait:
+                        raise
+                    time.sleep(0.01)  # a live holder: wait for it to release
                 if time.monotonic() > deadline:
                     raise PartitionLocked(f"{self.path}: lock contended, could not take it")
         finally:
@@ -211,7 +219,7 @@ class FileLock:
 # Running out of space
 
 
-def no_space_error(error: BaseException) -> OSError | None:
+def _no_space_error(error: BaseException | None) -> OSError | None:
     """The "no space left" (or quota) error in ``error`` or its causes, else None."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
@@ -222,9 +230,13 @@ def no_space_error(error: BaseException) -> OSError | None:
     return None
 
 
-def no_space_message(error: OSError, where: Path, kept: str) -> str:
-    """What a user needs after a full disk: which file, what is free now, what was kept."""
-    target = Path(error.filename) if error.filename else Path(where)
+def no_space_report(error: BaseException, where: Path, kept: str) -> str | None:
+    """If ``error`` comes from a full disk: which file, what is free now, and ``kept`` (what
+    the user still has and how to go on). None for any other error."""
+    full = _no_space_error(error)
+    if full is None:
+        return None
+    target = Path(full.filename) if full.filename else Path(where)
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

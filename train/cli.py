@@ -10,27 +10,16 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import click
 import torch
 
-from astar.store.files import no_space_error, no_space_message
+from astar.store.files import no_space_report
 from astar.train.loop import TrainConfig, TrainingError, init_distributed
 from astar.train.model import VARIANTS, Captioner, CaptionerConfig
-from astar.train.params import FieldType, read_params, read_section
+from astar.train.params import VALIDATION_METRICS, FieldType, read_params, read_section
 
 log = logging.getLogger(__name__)
-
-
-def _read_params(path: Path | None) -> dict[str, Any]:
-    """The mapping of a params YAML file (astar.train.params.read_params)."""
-    return read_params(path)
-
-
-def _section(params: dict, name: str, cls: type, path: Path | None) -> dict[str, Any]:
-    """One section, each key and value checked against ``cls`` (astar.train.params)."""
-    return read_section(params, name, cls, path)
 
 
 def build_model_config(
@@ -92,7 +81,7 @@ def make_validator(
             {vid: references[vid] for vid in scored},
             metrics=("BLEU", "ROUGE_L", "CIDEr"),
         )
-        kept = {k: v for k, v in scores.corpus.items() if k in ("BLEU-4", "ROUGE_L", "CIDEr")}
+        kept = {k: v for k, v in scores.corpus.items() if k in VALIDATION_METRICS}
         # A model that ends every caption at once scores ~0 everywhere: say so in the record.
         return {
             **kept,
@@ -185,9 +174,9 @@ def main(
     from astar.train.wordvec import WordVectorsError
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    values = _read_params(params)
-    train_values = _section(values, "train", TrainConfig, params)
-    model_values = _section(values, "model", CaptionerConfig, params)
+    values = read_params(params)
+    train_values = read_section(values, "train", TrainConfig, params)
+    model_values = read_section(values, "model", CaptionerConfig, params)
     for derived in ("vocab_size", "variant", "layer_channels", "fc_dim"):
         if derived in model_values:
             raise click.ClickException(
@@ -248,14 +237,15 @@ def main(
     ) as error:  # fmt: skip
         raise click.ClickException(str(error)) from error
     except Exception as error:  # a full disk surfaces from torch.save, the logs, ...
-        full = no_space_error(error)
-        if full is None:
-            raise
-        kept = (
+        message = no_space_report(
+            error,
+            out,
             f"Checkpoints are written whole or not at all, so {out}/last.pt (if any) is intact: "
-            "free some space and rerun with --resume."
+            "free some space and rerun with --resume.",
         )
-        raise click.ClickException(no_space_message(full, out, kept)) from error
+        if message is None:
+            raise
+        raise click.ClickException(message) from error
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
