@@ -291,7 +291,7 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
         # torch's own message suggests weights_only=False, which is exactly what must not happen.
         raise WeightsError(
             f"{path}: refused: not a plain state dict that loads without running code "
-            f"(a pickle that would run code, or not a pickle at all): {_unpickler_reason(error)}"
+            f"(a pickle that would run code, or not a pickle at all): {unpickler_reason(error)}"
         ) from error
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise WeightsError(f"{path}: not a readable torch state dict: {error}") from error
@@ -305,11 +305,23 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _unpickler_reason(error: pickle.UnpicklingError) -> str:
-    """The weights-only unpickler's own complaint, without torch's surrounding advice."""
+def unpickler_reason(error: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, without torch's advice.
+
+    Torch wraps the unpickler's reason in paragraphs suggesting ``weights_only=False``, which is
+    exactly what must not be done with a file that was refused; only the reason is kept.
+    """
     text = " ".join(str(error).split())
     _, found, reason = text.partition("WeightsUnpickler error:")
-    return reason.strip().split(". ")[0] if found else text[:200]
+    if found:  # the reason, up to where torch's allowlisting advice begins
+        return reason.strip().split(". ")[0]
+    paragraphs = [" ".join(p.split()) for p in str(error).split("\n\n") if p.strip()]
+    kept = [
+        p
+        for p in paragraphs
+        if "weights_only" not in p and not p.startswith("Check the documentation")
+    ]
+    return " ".join(kept)[:300] or type(error).__name__
 
 
 def check_state_dict(state: dict[str, Tensor], model: C3D, source: str) -> None:

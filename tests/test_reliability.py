@@ -524,7 +524,9 @@ def test_a_pickle_that_would_run_code_is_refused_by_every_command(
             _no_traceback(result.stdout, result.stderr)
             named = str(run / "last.pt") if command.startswith("train") else str(evil)
             assert f"Error: {named}: " in result.stderr, f"{where}: {result.stderr}"
-            assert "refused" in result.stderr or "not a readable" in result.stderr, where
+            assert "refused" in result.stderr, where
+            # torch's advice to retry with weights_only=False must never reach the user
+            assert "weights_only" not in result.stderr, f"{where}: {result.stderr}"
             assert not marker.exists(), f"{where} ran the pickle's code"
         assert not (tmp_path / f"s-{writer}").exists()
         assert not (tmp_path / f"e-{writer}" / "metrics.json").exists()
@@ -669,9 +671,9 @@ def test_ctrl_c_of_training_then_resume_ends_with_the_uninterrupted_parameters(
 
     _wait_for(mid_run, process)
     stdout, stderr = _ctrl_c(process)
-    assert process.returncode in (1, 130), stderr
+    assert process.returncode == 130, stderr
     _no_traceback(stdout, stderr)
-    assert "Abort" in stderr or "interrupt" in stderr, stderr
+    assert "interrupted" in stderr and "--resume" in stderr, stderr
     stopped_at = torch.load(out / "last.pt", weights_only=True)["state"]["step"]
     final = torch.load(reference / "last.pt", weights_only=True)["state"]["step"]
     assert 0 < stopped_at < final, "interrupted too late to test a resume"

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from astar.extract.c3d import unpickler_reason
+
 CHECKPOINT_VERSION = 1
 
 
@@ -95,7 +97,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for a damaged or foreign file
-        raise CheckpointError(f"{path}: not a readable astar checkpoint: {error}") from error
+        raise CheckpointError(
+            f"{path}: not a readable astar checkpoint (refused: {unpickler_reason(error)})"
+        ) from error
     if not isinstance(payload, dict) or "checkpoint_version" not in payload:
         raise CheckpointError(f"{path}: not an astar checkpoint (no checkpoint_version)")
     if payload["checkpoint_version"] > CHECKPOINT_VERSION:

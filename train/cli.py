@@ -236,6 +236,13 @@ def main(
         WordVectorsError, ValueError,
     ) as error:  # fmt: skip
         raise click.ClickException(str(error)) from error
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ninterrupted: {out}/last.pt holds the last checkpoint (if one was written); "
+            "rerun with --resume to continue exactly from it",
+            err=True,
+        )
+        raise SystemExit(130) from None
     except Exception as error:  # a full disk surfaces from torch.save, the logs, ...
         message = no_space_report(
             error,
