@@ -28,6 +28,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check extract store train evaluate pipelines tests benchmarks
 
+# With CI=true (as .ci/run has it) tests/conftest.py makes this list the slowest tests too.
 test: venv lint
 	$(BIN)/python -m pytest
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from astar.evaluate.decoding import (
+from astar.train.decoding import (
     DecodedCaption,
     beam_search,
     beam_search_prepared,

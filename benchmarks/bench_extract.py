@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from astar.extract.decode import DecodeConfig, IsolatedDecoder
+from astar.extract.decode import DecodeConfig
+from astar.extract.isolation import IsolatedDecoder
 from astar.extract.runner import ExtractConfig, extract_features, gather_videos, make_extractor
 
 DEFAULT_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
@@ -43,7 +44,7 @@ def main() -> None:
     paths = [path for _, path in gather_videos([args.videos], ids="name")]
     decode = DecodeConfig(max_frames=args.max_frames)
     config = ExtractConfig(decode=decode, backbone=args.backbone, ids="name")
-    from astar.extract.c3d import cpu_has_fast_bf16
+    from astar.extract.precision import cpu_has_fast_bf16
 
     # bf16 without native support (AVX2-only CPUs) falls back to reference kernels, ~100x slower.
     precisions = ["fp32", "bf16"] if args.bf16 or cpu_has_fast_bf16() else ["fp32"]

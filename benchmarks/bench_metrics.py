@@ -27,7 +27,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from astar.evaluate.metrics import score_captions
+from astar.pipelines.metrics import score_captions
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COCO_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")

@@ -164,7 +164,8 @@ def precision_speedup(repeats: int, videos: int = 4, captions_per_video: int = 5
     """fp32 against bf16 autocast, side by side: one optimizer step of the demo's batch
     (``videos`` x ``captions_per_video``, 18 frames a video), small preset, c3d-tiny and
     c3d-small channels. Medians of ``repeats`` interleaved steps after one warm-up each."""
-    from astar.extract.c3d import BACKBONES, cpu_has_fast_bf16
+    from astar.extract.c3d import BACKBONES
+    from astar.extract.precision import cpu_has_fast_bf16
 
     print(f"\nfp32 vs bf16 (autocast), {videos} videos x {captions_per_video} captions, N = 18")
     if not cpu_has_fast_bf16():

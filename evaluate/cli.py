@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
-from astar.evaluate.metrics import TABLE_METRICS
 from astar.evaluate.report import TABLE_HEADER
+from astar.pipelines.metrics import TABLE_METRICS
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from astar.evaluate.inference import InferenceError
-    from astar.evaluate.metrics import MetricsError
     from astar.pipelines.datasets import DatasetError
+    from astar.pipelines.metrics import MetricsError
     from astar.store import StoreError
     from astar.train.checkpoint import CheckpointError
 
@@ -92,7 +92,7 @@ def evaluate_captioner(
 ) -> None:  # fmt: skip
     """Caption a dataset split from its stored features and score it (x 100)."""
     from astar.evaluate.inference import caption_store, load_trained
-    from astar.evaluate.metrics import check_java, score_captions
+    from astar.pipelines.metrics import check_java, score_captions
     from astar.store import FeatureStore
 
     try:
@@ -194,7 +194,7 @@ def score_captions_command(
     name: str | None,
 ) -> None:  # fmt: skip
     """Score any system's PREDICTIONS (JSON {video id: caption}) against a dataset split."""
-    from astar.evaluate.metrics import score_captions
+    from astar.pipelines.metrics import score_captions
 
     try:
         loaded = json.loads(predictions.read_text())

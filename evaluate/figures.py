@@ -38,7 +38,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from astar.evaluate.decoding import DecodedCaption
+from astar.train.decoding import DecodedCaption
 
 POOL5_FRAMES = 16  # sampled frames per pool5 step: pool2..pool5 each halve time, pool1 does not
 POOL4_PIXELS = 16  # pixels per pool4 cell: pool1..pool4 each halve height and width

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from astar.evaluate.decoding import DecodedCaption, beam_search, greedy_decode
+from astar.pipelines.vocab import Vocabulary
 from astar.store import FeatureStore, StoreSchema, VideoFeatures
 from astar.train.checkpoint import CheckpointError, load_checkpoint
 from astar.train.data import FeatureSource, collate_features
+from astar.train.decoding import DecodedCaption, beam_search, greedy_decode
 from astar.train.model import Captioner, CaptionerConfig, FeatureBatch
-from astar.train.vocab import Vocabulary
 
 
 class InferenceError(Exception):
@@ -143,28 +143,25 @@ def extract_like_training(
     on real C3D weights needs the same file (its SHA-256 is checked); one trained on a random
     init rebuilds it from the recorded seed.
     """
-    import re
-
     from astar.extract.c3d import C3DExtractor, file_sha256
-    from astar.extract.decode import DecodeConfig, IsolatedDecoder, VideoDecodeError
+    from astar.extract.decode import DecodeConfig, VideoDecodeError
+    from astar.extract.isolation import IsolatedDecoder
 
     schema = trained.schema
-    seed_match = re.fullmatch(r"random\(seed=(\d+)\)", schema.weights)
-    if seed_match:
+    if schema.weights.is_random:
         if weights is not None:
             raise InferenceError(
                 f"{trained.checkpoint} was trained on features of a random C3D "
                 f"({schema.weights}); --weights {weights} would give other features"
             )
-        seed = int(seed_match.group(1))
+        seed = schema.weights.seed
     else:
         if weights is None:
             raise InferenceError(
                 f"{trained.checkpoint} was trained on C3D weights {schema.weights}: "
                 "pass the same file with --weights"
             )
-        digest = file_sha256(Path(weights))
-        if schema.weights not in (digest, f"sha256:{digest}"):
+        if file_sha256(Path(weights)) != schema.weights.sha256:
             raise InferenceError(
                 f"{weights} is not the C3D weights file the training features came from "
                 f"({schema.weights})"

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from astar.evaluate.metrics import TABLE_METRICS, MetricsError, score_captions
 from astar.pipelines.datasets import Dataset
+from astar.pipelines.metrics import TABLE_METRICS, MetricsError, score_captions
 
 __all__ = ["most_common_caption", "reference_rows"]
 

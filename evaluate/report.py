@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from astar.evaluate.metrics import TABLE_METRICS
+from astar.pipelines.metrics import TABLE_METRICS
 
 __all__ = ["Flag", "ModelRow", "Report", "ReportError", "Run", "build_report", "group_runs"]
 

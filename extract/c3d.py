@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 import zipfile
 from collections.abc import Iterator
@@ -29,35 +28,19 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
+from astar.extract.precision import PRECISIONS, cpu_has_fast_bf16, resolve_device
+from astar.store.files import unpickler_reason
+from astar.store.geometry import (
+    BACKBONES,
+    CLIP_LENGTH,
+    CLIP_STRIDE,
+    FRAME_SIZE,
+    C3DSpec,
+)
+from astar.store.geometry import POOL_LAYERS as TAPS
+from astar.store.schema import Weights
+
 log = logging.getLogger(__name__)
-
-TAPS = ("pool2", "pool3", "pool4", "pool5")
-CLIP_LENGTH = 16  # frames per fc7 clip
-CLIP_STRIDE = 8  # frames between clip starts ("window of 16 and overlap of 8")
-FRAME_SIZE = 112  # fc6 expects the 4 x 4 pool5 map of a 112 x 112 clip
-
-
-@dataclass(frozen=True)
-class C3DSpec:
-    """Widths of a C3D network; the layer structure itself is fixed."""
-
-    conv1: int = 64  # channels of conv1 (pool1 is spatial only and no tap)
-    conv2: int = 128  # channels of conv2, i.e. of the pool2 tap
-    conv3: int = 256  # channels of conv3a and conv3b (pool3 tap)
-    conv4: int = 512  # channels of conv4a and conv4b (pool4 tap)
-    conv5: int = 512  # channels of conv5a and conv5b (pool5 tap)
-    fc: int = 4096  # width of fc6 and fc7
-    classes: int = 487  # outputs of fc8 (Sports-1M classes): loaded with the weights, never used
-
-
-BACKBONES: dict[str, C3DSpec] = {
-    "c3d": C3DSpec(),
-    # A quarter of the channels everywhere: about 1/16 of the multiply-adds, for CPU demos/tests.
-    "c3d-small": C3DSpec(conv1=16, conv2=32, conv3=64, conv4=128, conv5=128, fc=1024),
-    # An eighth: the 2-core CPU demo, whose captioner's pool2 alignment conv (C2 -> C5 channels,
-    # 7^3 kernel) then costs a quarter of c3d-small's, the difference between 15 and 60 minutes.
-    "c3d-tiny": C3DSpec(conv1=8, conv2=16, conv3=32, conv4=64, conv5=64, fc=512),
-}
 
 
 @dataclass(frozen=True)
@@ -305,25 +288,6 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def unpickler_reason(error: Exception) -> str:
-    """Why ``torch.load(..., weights_only=True)`` refused a file, without torch's advice.
-
-    Torch wraps the unpickler's reason in paragraphs suggesting ``weights_only=False``, which is
-    exactly what must not be done with a file that was refused; only the reason is kept.
-    """
-    text = " ".join(str(error).split())
-    _, found, reason = text.partition("WeightsUnpickler error:")
-    if found:  # the reason, up to where torch's allowlisting advice begins
-        return reason.strip().split(". ")[0]
-    paragraphs = [" ".join(p.split()) for p in str(error).split("\n\n") if p.strip()]
-    kept = [
-        p
-        for p in paragraphs
-        if "weights_only" not in p and not p.startswith("Check the documentation")
-    ]
-    return " ".join(kept)[:300] or type(error).__name__
-
-
 def check_state_dict(state: dict[str, Tensor], model: C3D, source: str) -> None:
     """Refuse a state dict whose keys or shapes differ from the model's (fc8 may be absent)."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
@@ -349,14 +313,14 @@ def check_state_dict(state: dict[str, Tensor], model: C3D, source: str) -> None:
 
 def build_c3d(
     backbone: str = "c3d", weights: str | Path | None = None, seed: int = 0
-) -> tuple[C3D, str]:
-    """The network in eval mode and how its weights came about: ``"sha256:<hex>"`` of the
-    weights file, or ``"random(seed=S)"``."""
+) -> tuple[C3D, Weights]:
+    """The network in eval mode and how its weights came about: the weights file's SHA-256,
+    or the seed of the random init."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     model = C3D(BACKBONES[backbone], seed=seed)
     if weights is None:
-        return model.eval(), f"random(seed={seed})"
+        return model.eval(), Weights(seed=seed)
     if backbone != "c3d":
         raise WeightsError(
             f"{weights}: Sports-1M weights fit only the full 'c3d' backbone, not {backbone!r} "
@@ -365,7 +329,7 @@ def build_c3d(
     state, digest = load_state_dict_file(weights)
     check_state_dict(state, model, str(weights))
     model.load_state_dict(state, strict=False)  # checked above; fc8 may be absent
-    return model.eval(), digest
+    return model.eval(), Weights(sha256=digest.removeprefix("sha256:"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,48 +375,6 @@ def preprocess(frames: np.ndarray, mode: str, device: torch.device | None = None
 
 class FramesError(ValueError):
     """The frames handed to the extractor are not (N >= 16, 112, 112, 3) uint8."""
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 instructions.
-_BF16_ISAS = {
-    "AVX512_CORE_BF16",
-    "AVX512_CORE_FP16",
-    "AVX512_CORE_AMX",
-    "AVX512_CORE_AMX_FP16",
-    "AVX10_1_512",
-    "AVX10_1_512_AMX",
-    "AVX10_1_512_AMX_FP16",
-    "AVX10_2_512",
-    "AVX10_2_512_AMX_2",
-    "ALL",
-    "DEFAULT",
-}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX) and oneDNN may use it.
-
-    oneDNN also runs bf16 on plain AVX-512 (BW/VL/DQ) by converting to fp32, which is slower
-    than fp32 itself; without AVX-512 PyTorch falls back to reference kernels, about 150x
-    slower. ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) below AVX512_CORE_BF16 counts as
-    no native bf16, so that the fp32 path can be forced and tested on any machine.
-    """
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return False
-    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return False
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    return cap is None or cap.strip().upper() in _BF16_ISAS
 
 
 class C3DExtractor:

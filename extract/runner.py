@@ -29,7 +29,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from astar.extract.decode import DecodeConfig, IsolatedDecoder, VideoDecodeError
+from astar.extract.decode import DecodeConfig, VideoDecodeError
+from astar.extract.isolation import IsolatedDecoder
 from astar.pipelines.text import NotUTF8Error, decode_utf8
 from astar.store import FeatureStore, InvalidFeatures, PartitionPlan, StoreError, StoreSchema
 from astar.store.holders import live_holders, registered_writer

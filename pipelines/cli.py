@@ -32,7 +32,7 @@ from astar.pipelines.datasets import (
 from astar.pipelines.datasets import prepare_dataset as build_dataset
 from astar.pipelines.demo import DemoConfig, DemoError
 from astar.pipelines.demo import make_demo_dataset as build_demo
-from astar.train.vocab import VocabConfig, VocabularyError
+from astar.pipelines.vocab import VocabConfig, VocabularyError
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -293,8 +293,8 @@ def make_demo_dataset(
         raise click.ClickException(str(error)) from error
     click.echo(_describe(dataset, out))
     if score:
-        from astar.evaluate.metrics import MetricsError
         from astar.evaluate.references import reference_rows
+        from astar.pipelines.metrics import MetricsError
 
         try:
             rows = reference_rows(out, "test")

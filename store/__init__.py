@@ -13,17 +13,11 @@ from astar.store.errors import (
     VideoNotFound,
 )
 from astar.store.featurestore import FeatureStore, VideoFeatures
+from astar.store.geometry import LAYERS, TIME_STRIDES
 from astar.store.manifest import INFO_KEYS, OK
 from astar.store.plan import PartitionPlan
 from astar.store.report import VerifyReport, summarize_store, verify_store
-from astar.store.schema import (
-    FORMAT_VERSION,
-    LAYERS,
-    TIME_STRIDES,
-    StoreSchema,
-    n_clips,
-    package_versions,
-)
+from astar.store.schema import FORMAT_VERSION, StoreSchema, n_clips, package_versions
 from astar.store.writer import PartitionWriter
 
 __all__ = [

@@ -12,6 +12,7 @@ import click
 from astar.store.errors import StoreError
 from astar.store.featurestore import FeatureStore
 from astar.store.report import failures_table, summarize_store
+from astar.store.schema import Weights
 
 
 def _size(count: float) -> str:
@@ -33,7 +34,7 @@ def _summary_text(summary: dict[str, Any]) -> str:
             f"store       {summary['path']} (format {schema['format_version']})",
             f"sampling    {schema['fps']} fps, {schema['size']}x{schema['size']}, "
             f"frames {schema['min_frames']}..{cap}",
-            f"backbone    {schema['backbone']}, weights {schema['weights']}, "
+            f"backbone    {schema['backbone']}, weights {Weights.parse(schema['weights'])}, "
             f"preprocessing {schema['preprocessing']}",
             f"fc7 clips   {schema['clip_length']} frames every {schema['clip_stride']}",
             f"layers      {shapes} (without time), {schema['dtype']}",

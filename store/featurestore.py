@@ -38,11 +38,12 @@ import zarr
 
 from astar.store.errors import CorruptVideo, SchemaMismatch, StoreError, VideoNotFound
 from astar.store.files import FileLock
+from astar.store.geometry import LAYERS
 from astar.store.manifest import OK, empty_manifest, write_manifest
 from astar.store.partition import PartitionReader, damage_text
 from astar.store.plan import PartitionPlan, extend_plan, read_plan, write_plan
 from astar.store.report import VerifyReport, verify_store
-from astar.store.schema import LAYERS, StoreSchema
+from astar.store.schema import StoreSchema
 from astar.store.writer import PartitionWriter
 
 log = logging.getLogger(__name__)

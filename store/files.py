@@ -245,3 +245,22 @@ def no_space_report(error: BaseException, where: Path, kept: str) -> str | None:
     except OSError:
         free = "free space unknown"
     return f"no space left on the device while writing {target} ({free}). {kept}"
+
+
+def unpickler_reason(error: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, without torch's advice.
+
+    Torch wraps the unpickler's reason in paragraphs suggesting ``weights_only=False``, which is
+    exactly what must not be done with a file that was refused; only the reason is kept.
+    """
+    text = " ".join(str(error).split())
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    if found:  # the reason, up to where torch's allowlisting advice begins
+        return reason.strip().split(". ")[0]
+    paragraphs = [" ".join(p.split()) for p in str(error).split("\n\n") if p.strip()]
+    kept = [
+        p
+        for p in paragraphs
+        if "weights_only" not in p and not p.startswith("Check the documentation")
+    ]
+    return " ".join(kept)[:300] or type(error).__name__

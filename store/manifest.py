@@ -16,7 +16,7 @@ import pandas as pd
 
 from astar.store.errors import StoreError
 from astar.store.files import atomic_write_text
-from astar.store.schema import LAYERS
+from astar.store.geometry import LAYERS
 
 OK = "ok"  # status of a video whose features are stored; any other status is a failure kind
 

@@ -20,8 +20,9 @@ import zarr
 
 from astar.store.chunkstore import chunk_key, open_array
 from astar.store.errors import MissingChunk, StoreError
+from astar.store.geometry import LAYERS
 from astar.store.manifest import parse_timestamps, read_manifest
-from astar.store.schema import LAYERS, time_axis
+from astar.store.schema import time_axis
 from astar.store.writer import checksum
 
 SPANNED = ("timestamps", *LAYERS)  # arrays holding one span per ok video

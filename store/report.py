@@ -23,10 +23,11 @@ import pandas as pd
 
 from astar.store.errors import StoreError
 from astar.store.files import TEMP_PREFIX, read_owner
+from astar.store.geometry import LAYERS
 from astar.store.manifest import MISSING, OK, parse_timestamps, read_manifest
 from astar.store.partition import PartitionReader, checksums, damage_text
 from astar.store.plan import PartitionPlan
-from astar.store.schema import LAYERS, StoreSchema, time_axis
+from astar.store.schema import StoreSchema, time_axis
 
 if TYPE_CHECKING:
     from astar.store.featurestore import FeatureStore

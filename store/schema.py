@@ -8,17 +8,14 @@ share a store, so :meth:`StoreSchema.differences` names every field that differs
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from astar.store.errors import StoreError
+from astar.store.geometry import LAYERS, TIME_STRIDES
 
-LAYERS = ("pool2", "pool3", "pool4", "pool5", "fc7")
-POOL_LAYERS = LAYERS[:4]
-# Temporal reduction of each pooled tap of C3D: pool2..pool5 each halve time (pool1 does not),
-# so pool_k keeps floor(n_frames / 2^(k-1)) steps, e.g. pool5 floor(N / 16).
-TIME_STRIDES = {"pool2": 2, "pool3": 4, "pool4": 8, "pool5": 16}
 FORMAT_VERSION = 1
 STORE_KIND = "astar.feature_store"  # marks a zarr group as one of ours
 DTYPES = ("float16", "float32")
@@ -55,6 +52,52 @@ def n_clips(n_frames: int, clip_length: int, clip_stride: int) -> int:
 
 
 @dataclass(frozen=True)
+class Weights:
+    """Where the C3D weights came from: a weights file (its SHA-256) or a seeded random init.
+
+    Exactly one of the two is set. ``str()`` gives the short form used in messages,
+    ``sha256:<hex>`` or ``random(seed=S)``, which is also how format-1 stores written before
+    this class recorded it (:meth:`parse` still reads them).
+    """
+
+    sha256: str | None = None  # hex digest of the weights file
+    seed: int | None = None  # seed of the random (Kaiming) init, when there is no file
+
+    def __post_init__(self) -> None:
+        if (self.sha256 is None) == (self.seed is None):
+            raise StoreError(f"weights need exactly one of sha256 and seed, got {self!r}")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise StoreError(f"weights sha256 must be 64 hex digits, got {self.sha256!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise StoreError(f"weights seed must be an integer, got {self.seed!r}")
+
+    @property
+    def is_random(self) -> bool:
+        return self.seed is not None
+
+    def __str__(self) -> str:
+        return f"random(seed={self.seed})" if self.is_random else f"sha256:{self.sha256}"
+
+    @classmethod
+    def parse(cls, value: Weights | dict[str, Any] | str) -> Weights:
+        """A ``Weights`` from itself, its dict form, or the string form of older stores."""
+        if isinstance(value, Weights):
+            return value
+        if isinstance(value, dict):
+            return cls(**{k: value.get(k) for k in ("sha256", "seed")})
+        if isinstance(value, str):
+            seeded = re.fullmatch(r"random\(seed=(-?\d+)\)", value)
+            if seeded:
+                return cls(seed=int(seeded.group(1)))
+            digest = value.removeprefix("sha256:")
+            if re.fullmatch(r"[0-9a-f]{64}", digest):
+                return cls(sha256=digest)
+        raise StoreError(f"weights {value!r} is neither a SHA-256 nor a random seed")
+
+
+@dataclass(frozen=True)
 class StoreSchema:
     """How the features of a store were made, stored as the root group's attributes."""
 
@@ -63,7 +106,7 @@ class StoreSchema:
     min_frames: int  # shorter videos padded to this many frames
     max_frames: int | None  # longer videos uniformly subsampled to this many; None = no cap
     backbone: str  # network, e.g. "c3d" or "c3d-small"
-    weights: str  # "sha256:<hex>" of the weights file, or "random(seed=S)"
+    weights: Weights  # the weights file's SHA-256, or the seed of a random init
     preprocessing: str  # pixel pipeline fed to the network, e.g. "caffe-bgr-mean"
     clip_length: int  # frames per fc7 clip (16)
     clip_stride: int  # frames between fc7 clip starts (8)
@@ -76,6 +119,7 @@ class StoreSchema:
         # Normalise shapes read back from JSON (lists) to tuples so equality is by value.
         shapes = {name: tuple(int(d) for d in dims) for name, dims in self.layer_shapes.items()}
         object.__setattr__(self, "layer_shapes", shapes)
+        object.__setattr__(self, "weights", Weights.parse(self.weights))
         problems = self._problems()
         if problems:
             raise StoreError("invalid store schema: " + "; ".join(problems))
@@ -146,19 +190,23 @@ class StoreSchema:
         recorded but never block reuse of a store.
         """
         return [
-            f"{f.name}: {getattr(self, f.name)!r} {mine}, {getattr(other, f.name)!r} {theirs}"
+            f"{f.name}: {_shown(getattr(self, f.name))} {mine}, "
+            f"{_shown(getattr(other, f.name))} {theirs}"
             for f in fields(self)
             if f.name != "versions" and getattr(self, f.name) != getattr(other, f.name)
         ]
 
 
+def _shown(value: Any) -> str:
+    """A field's value in a message: weights in their short form, the rest as repr."""
+    return repr(str(value)) if isinstance(value, Weights) else repr(value)
+
+
 __all__ = [
     "DTYPES",
     "FORMAT_VERSION",
-    "LAYERS",
-    "POOL_LAYERS",
-    "TIME_STRIDES",
     "StoreSchema",
+    "Weights",
     "n_clips",
     "package_versions",
     "time_axis",

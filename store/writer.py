@@ -37,9 +37,10 @@ from zarr.codecs import ZstdCodec
 
 from astar.store.errors import InvalidFeatures, StoreError
 from astar.store.files import TEMP_PREFIX, FileLock, atomic_write, fsync_dir, fsync_tree
+from astar.store.geometry import LAYERS
 from astar.store.manifest import INFO_KEYS, MISSING, OK, write_manifest
 from astar.store.plan import PartitionPlan, normalize_source
-from astar.store.schema import LAYERS, StoreSchema, time_axis
+from astar.store.schema import StoreSchema, time_axis
 
 if TYPE_CHECKING:
     from astar.store.featurestore import FeatureStore

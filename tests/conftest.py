@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -10,19 +12,52 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def in_ci() -> bool:
+    """Whether the environment variable CI is "true" or "1" (any case), as CI services set it."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1"}
+
+
+CI_DURATIONS = 15  # slowest tests listed at the end of a CI run
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under CI, list the slowest tests (as --durations=15 would) unless --durations was given;
+    a developer's run prints what it always did."""
+    if in_ci() and config.option.durations is None:
+        config.option.durations = CI_DURATIONS
+
+
+def missing_shared_data(reason: str) -> NoReturn:
+    """Skip the test on a developer's machine; fail it under CI.
+
+    The real data is not part of the repository, so a checkout without ../shared/data skips the
+    tests that need it. CI always has the data: there a missing file means a broken mount or a
+    moved file, and a run that skipped those tests would pass without having checked them.
+    """
+    if in_ci():
+        ci = os.environ["CI"]
+        pytest.fail(f"{reason}; CI={ci} and CI always has the shared data", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_shared(path: Path) -> Path:
+    """``path`` (a file or folder of the shared data) if it exists, else ``missing_shared_data``."""
+    if not path.exists():
+        missing_shared_data(f"real reference data not found at {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data, or skip: the real videos and captions are not part of the repository."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real reference data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    """../shared/data: skipped without it, failed without it under CI (``missing_shared_data``)."""
+    return require_shared(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")
 def real_videos(shared_data: Path) -> list[Path]:
-    videos = sorted((shared_data / "videos").glob("*.*"))
+    videos = sorted(require_shared(shared_data / "videos").glob("*.*"))
     if not videos:
-        pytest.skip(f"no videos in {shared_data / 'videos'}")
+        missing_shared_data(f"no videos in {shared_data / 'videos'}")
     return videos
 
 

@@ -29,6 +29,7 @@ from astar.extract.c3d import (
     load_state_dict_file,
     preprocess,
 )
+from astar.store.schema import Weights
 
 SMALL = "c3d-small"
 
@@ -157,7 +158,7 @@ def _full_extractor() -> C3DExtractor:
 def test_extractor_info(small_extractor: C3DExtractor) -> None:
     assert small_extractor.info == {
         "backbone": SMALL,
-        "weights": "random(seed=0)",
+        "weights": Weights(seed=0),
         "preprocessing": "unit-rgb",
         "precision": "fp32",
         "device": "cpu",
@@ -238,7 +239,7 @@ def test_seeded_init_is_deterministic_and_leaves_the_global_rng_alone() -> None:
     first, description = build_c3d(SMALL, seed=3)
     second, _ = build_c3d(SMALL, seed=3)
     other, _ = build_c3d(SMALL, seed=4)
-    assert description == "random(seed=3)"
+    assert description == Weights(seed=3) and str(description) == "random(seed=3)"
     assert torch.equal(torch.get_rng_state(), rng_state)
     for key, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[key]), key
@@ -445,7 +446,7 @@ def test_sports1m_layout_loads_from_pickle_and_safetensors_alike(
     for suffix in (".pickle", ".safetensors"):
         path = _save(state, tmp_path / f"c3d{suffix}")
         model, description = build_c3d("c3d", weights=path)
-        assert description == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        assert description == Weights(sha256=hashlib.sha256(path.read_bytes()).hexdigest())
         assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
         extractor = C3DExtractor("c3d", weights=path, device="cpu")
         assert extractor.info["weights"] == description

@@ -25,7 +25,7 @@ from astar.pipelines.datasets import (
     read_msvd_sents,
     read_mvad,
 )
-from astar.train.vocab import VocabConfig, Vocabulary
+from astar.pipelines.vocab import VocabConfig, Vocabulary
 
 # --------------------------------------------------------------------------------------------
 # Helpers

@@ -10,23 +10,21 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import decoder_faults
 import numpy as np
 import pytest
 
 import astar.extract.decode as decode_module
+from astar.extract.containers import container_shortfall
 from astar.extract.decode import (
     FAILURE_KINDS,
     DecodeConfig,
     DecodedVideo,
-    IsolatedDecoder,
     VideoDecodeError,
-    container_shortfall,
     decode_video,
-    frame_times,
-    nearest_frames,
-    sample_times,
-    select_indices,
 )
+from astar.extract.isolation import IsolatedDecoder
+from astar.extract.sampling import frame_times, nearest_frames, sample_times, select_indices
 
 
 def expected_nearest(true_starts: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -434,8 +432,24 @@ def test_resize_is_antialiased(decoded_real, real_videos):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, astar.extract.decode; sys.exit('torch' in sys.modules)"
+    code = "import sys, astar.extract.isolation; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.fixture
+def faulty_decoder(monkeypatch):
+    """``make(config, faults, prefetch)``: an IsolatedDecoder whose child does ``faults``.
+
+    ``faults`` is ``{str(path): action}``, done by the child for that path
+    (tests/decoder_faults.py); the child inherits the environment set here.
+    """
+
+    def make(config: DecodeConfig, faults: dict[str, str], prefetch: int) -> IsolatedDecoder:
+        for name, value in decoder_faults.child_env(faults).items():
+            monkeypatch.setenv(name, value)
+        return IsolatedDecoder(config, prefetch, child_main=decoder_faults.CHILD_MAIN)
+
+    return make
 
 
 def test_isolated_results_equal_in_process_and_keep_order(make_video, tmp_path):
@@ -475,10 +489,10 @@ def test_decode_raises_the_childs_error(tmp_path):
         ("raise", "decode_error", "RuntimeError"),
     ],
 )
-def test_child_hang_or_crash_costs_one_video(make_video, fault, kind, why):
+def test_child_hang_or_crash_costs_one_video(make_video, faulty_decoder, fault, kind, why):
     paths = [make_video(f"v{i}.mkv", n_frames=20, fps=10, seed=i) for i in range(4)]
     config = DecodeConfig(size=32, timeout_s=1.5)
-    with IsolatedDecoder(config, prefetch=2, _faults={str(paths[1]): fault}) as decoder:
+    with faulty_decoder(config, {str(paths[1]): fault}, prefetch=2) as decoder:
         results = [result for _, result in decoder.imap(paths)]
         assert isinstance(results[1], VideoDecodeError)
         assert results[1].kind == kind and why in results[1].reason
@@ -512,11 +526,11 @@ def test_abandoned_imap_leaves_the_decoder_usable(make_video):
 
 
 @pytest.mark.slow
-def test_prefetch_overlaps_decoding_with_the_callers_work(make_video):
+def test_prefetch_overlaps_decoding_with_the_callers_work(make_video, faulty_decoder):
     paths = [make_video(f"v{i}.mkv", n_frames=10, fps=10, seed=i) for i in range(5)]
     delay = 0.5  # the child "decodes" this long per video; the caller "computes" as long
     faults = {str(path): f"sleep:{delay}" for path in paths}
-    with IsolatedDecoder(DecodeConfig(size=32), prefetch=2, _faults=faults) as decoder:
+    with faulty_decoder(DecodeConfig(size=32), faults, prefetch=2) as decoder:
         decoder.decode(paths[0])  # start the child before timing
         started = time.perf_counter()
         for _ in decoder.imap(paths):

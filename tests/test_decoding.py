@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from astar.evaluate.decoding import (
+from astar.train.decoding import (
     DecodedCaption,
     DecodingError,
     _BeamSearch,

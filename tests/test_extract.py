@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from astar.extract.cli import main as extract_cli
 from astar.extract.runner import InputError, gather_videos
 from astar.store import FeatureStore
+from astar.store.schema import Weights
 
 SMALL = ["--backbone", "c3d-small", "--quiet"]
 
@@ -96,7 +97,7 @@ def test_cli_extracts_records_failures_and_exit_codes(clips: Path, tmp_path: Pat
 
     store = FeatureStore.open(out)
     assert store.schema.backbone == "c3d-small"
-    assert store.schema.weights == "random(seed=0)"
+    assert store.schema.weights == Weights(seed=0)
     features = store["v3"]
     # v3: 44 frames at 8 fps = 5.5 s -> 11 samples at 2 fps, padded to 16.
     assert features.info["n_sampled"] == 11 and features.info["padded"]

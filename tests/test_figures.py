@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from astar.evaluate.decoding import DecodedCaption, beam_search
 from astar.evaluate.figures import (
     FigureError,
     attention_figure,
@@ -19,6 +18,7 @@ from astar.evaluate.figures import (
     pool5_cell_span,
     pool5_frame_window,
 )
+from astar.train.decoding import DecodedCaption, beam_search
 from astar.train.model import ALIGNMENT, Captioner, CaptionerConfig, FeatureBatch
 
 LAYERS = ("pool2", "pool3", "pool4", "pool5")

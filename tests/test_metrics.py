@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from astar.evaluate.metrics import (
+from astar.pipelines.metrics import (
     EMPTY_PREDICTION,
     MetricsError,
     check_java,

@@ -12,7 +12,6 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from astar.train.cli import build_model_config
 from astar.train.cli import main as train_cli
 from astar.train.loop import TrainConfig
 from astar.train.model import CaptionerConfig
@@ -25,6 +24,7 @@ from astar.train.params import (
     read_params,
     read_section,
 )
+from astar.train.run import build_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"hidden_dim": 16, "embed_dim": 8, "attention_dim": 8, "samples": 3, "dropout": 0.0}

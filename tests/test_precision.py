@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from astar.extract.c3d import cpu_has_fast_bf16
+from astar.extract.precision import cpu_has_fast_bf16
 from astar.train.model import ALIGNMENT, Captioner, FeatureBatch, conv3d_exact, padded_conv3d
 from tests.test_model import SPATIAL, collate, tiny_config, video
 

@@ -207,7 +207,7 @@ def test_schema_is_in_the_root_group_attributes(built):
     attributes = zarr.open_group(store.path, mode="r").attrs.asdict()
     for key in ("format_version", "fps", "size", "backbone", "weights", "dtype", "versions"):
         assert key in attributes, key
-    assert attributes["weights"] == "random(seed=0)"
+    assert attributes["weights"] == {"sha256": None, "seed": 0}
     assert set(attributes["versions"]) >= {"zarr", "numpy", "torch"}
     assert StoreSchema.from_dict(attributes) == store.schema
     # The partitions are ordinary zarr arrays too.

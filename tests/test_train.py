@@ -87,7 +87,7 @@ def test_checkpoint_is_self_describing_and_mismatches_are_refused(tiny_corpus, t
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     assert CaptionerConfig.from_dict(payload["model_config"]) == trainer.model_config
     assert payload["vocabulary"] == Dataset.load(dataset).vocabulary.to_dict()
-    assert payload["store_schema"]["weights"] == "random(seed=0)"
+    assert payload["store_schema"]["weights"] == {"sha256": None, "seed": 0}
     assert {"optimizer", "random", "state", "model"} <= set(payload)
 
     other_store, _ = tiny_corpus(seed=1)  # same shapes, other weights
@@ -377,7 +377,7 @@ def test_cli_reports_a_diverging_run_without_a_traceback(tiny_corpus, tmp_path):
 def test_validation_without_any_caption_is_a_warning(tiny_corpus, tmp_path, monkeypatch, caplog):
     """Every validation caption empty (decoding no longer ends a caption before its first word,
     so here every caption decodes to no text): a warning, in the record and in the summary."""
-    from astar.train.vocab import Vocabulary
+    from astar.pipelines.vocab import Vocabulary
 
     monkeypatch.setattr(Vocabulary, "decode", lambda self, ids: "")
     store, dataset = tiny_corpus(splits=("train", "train", "val"))

@@ -1,4 +1,4 @@
-"""The captioner's vocabulary (astar.train.vocab)."""
+"""The captioner's vocabulary (astar.pipelines.vocab)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from astar.train.vocab import (
+from astar.pipelines.vocab import (
     EOS_ID,
     PAD_ID,
     UNK_ID,

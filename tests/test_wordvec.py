@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import astar.train.wordvec as wordvec
-from astar.train.vocab import EOS_ID, PAD_ID, UNK_ID, Vocabulary
+from astar.pipelines.vocab import EOS_ID, PAD_ID, UNK_ID, Vocabulary
 from astar.train.wordvec import WordVectorsError, detect_format, load_word_vectors
 
 DIM = 5

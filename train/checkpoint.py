@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from astar.extract.c3d import unpickler_reason
+from astar.store.files import unpickler_reason
 
 CHECKPOINT_VERSION = 1
 

@@ -6,91 +6,17 @@ nccl on GPU); the global batch is ``videos_per_batch x captions_per_video x N`` 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from pathlib import Path
 
 import click
-import torch
 
 from astar.store.files import no_space_report
-from astar.train.loop import TrainConfig, TrainingError, init_distributed
-from astar.train.model import VARIANTS, Captioner, CaptionerConfig
-from astar.train.params import VALIDATION_METRICS, FieldType, read_params, read_section
+from astar.train.loop import TrainConfig, TrainingError
+from astar.train.model import VARIANTS, CaptionerConfig
+from astar.train.params import FieldType, read_params, read_section
 
 log = logging.getLogger(__name__)
-
-
-def build_model_config(
-    preset: str,
-    variant: str,
-    vocab_size: int,
-    channels: dict[str, int],
-    fc_dim: int,
-    overrides: dict,
-) -> CaptionerConfig:
-    if preset == "small":
-        return CaptionerConfig.small(
-            vocab_size, variant, layer_channels=channels, fc_dim=fc_dim, **overrides
-        )
-    return CaptionerConfig(
-        vocab_size=vocab_size, variant=variant, layer_channels=channels, fc_dim=fc_dim, **overrides
-    )
-
-
-def make_validator(
-    store, dataset, split: str, max_length: int, batch_videos: int = 32, on_corrupt="error"
-):
-    """Greedy-decode ``split`` and score it (BLEU, ROUGE-L, CIDEr-D; METEOR is left to evaluation
-    because its Java start-up costs more than a small validation set).
-
-    With ``on_corrupt="skip"``, videos whose stored data is damaged are left out of the score
-    and counted in the record (``corrupt_videos``)."""
-    from astar.evaluate.decoding import greedy_decode
-    from astar.evaluate.metrics import score_captions
-    from astar.train.data import FeatureSource, collate_features
-
-    references = dataset.captions_by_video(split)
-    ids = sorted(vid for vid in references if vid in store)
-    if not ids:
-        raise TrainingError(f"no {split} video of the dataset has features in {store.path}")
-    vocabulary = dataset.vocabulary
-
-    def validate(model: Captioner) -> dict[str, float]:
-        device = next(model.parameters()).device
-        source = FeatureSource(store, model.config.attended_layers, on_corrupt=on_corrupt)
-        predictions = {}
-        for start in range(0, len(ids), batch_videos):
-            wanted = ids[start : start + batch_videos]
-            readable = [
-                (v, r) for v, r in zip(wanted, source.read(wanted), strict=True) if r is not None
-            ]
-            if not readable:  # every one skipped as corrupt
-                continue
-            chunk = [vid for vid, _ in readable]
-            records = [record for _, record in readable]
-            features = collate_features(records, source.layers).to(device)
-            for vid, decoded in zip(chunk, greedy_decode(model, features, max_length), strict=True):
-                predictions[vid] = vocabulary.decode(decoded.tokens)
-        scored = [vid for vid in ids if vid in predictions]
-        if not scored:
-            raise TrainingError(f"every {split} video's stored data is corrupt in {store.path}")
-        scores = score_captions(
-            predictions,
-            {vid: references[vid] for vid in scored},
-            metrics=("BLEU", "ROUGE_L", "CIDEr"),
-        )
-        kept = {k: v for k, v in scores.corpus.items() if k in VALIDATION_METRICS}
-        # A model that ends every caption at once scores ~0 everywhere: say so in the record.
-        return {
-            **kept,
-            "n_videos": len(scored),
-            "empty_captions": len(scores.empty_predictions),
-            "corrupt_videos": len(ids) - len(scored),
-        }
-
-    return validate
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -166,18 +92,18 @@ def main(
     verbose: bool,
 ) -> None:
     """Train the ASTAR captioner (or a baseline variant) on features from STORE."""
-    from astar.pipelines.datasets import Dataset, DatasetError
-    from astar.store import FeatureStore, StoreError
+    from astar.pipelines.datasets import DatasetError
+    from astar.pipelines.vocab import VocabularyError
+    from astar.store import StoreError
     from astar.train.checkpoint import CheckpointError
-    from astar.train.loop import CaptionData, Trainer, run_directory, store_layers
-    from astar.train.vocab import VocabularyError
+    from astar.train.run import DERIVED_MODEL_FIELDS, RunConfig, train_captioner
     from astar.train.wordvec import WordVectorsError
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     values = read_params(params)
     train_values = read_section(values, "train", TrainConfig, params)
     model_values = read_section(values, "model", CaptionerConfig, params)
-    for derived in ("vocab_size", "variant", "layer_channels", "fc_dim"):
+    for derived in DERIVED_MODEL_FIELDS:
         if derived in model_values:
             raise click.ClickException(
                 f"{params}: model.{derived} comes from the store/dataset/--variant"
@@ -191,46 +117,22 @@ def main(
         "on_corrupt": on_corrupt,
     }
     train_values.update({k: v for k, v in flags.items() if v is not None})
-    distributed = init_distributed()
+    if word_vectors != "none" and not Path(word_vectors).is_file():
+        raise click.BadParameter(f"{word_vectors}: no such file", param_hint="--word-vectors")
+    start = "resume-or-restart" if resume_or_restart else "resume" if resume else "new"
     try:
-        config = TrainConfig(**train_values)
-        feature_store = FeatureStore.open(store)
-        data_set = Dataset.load(dataset)
-        channels, fc_dim = store_layers(feature_store)
-        model_config = build_model_config(
-            preset, variant, len(data_set.vocabulary), channels, fc_dim, model_values
+        config = RunConfig(
+            store=store,
+            dataset=dataset,
+            out=out,
+            variant=variant,
+            preset=preset,
+            train=TrainConfig(**train_values),
+            model=model_values,
+            word_vectors=None if word_vectors == "none" else Path(word_vectors),
+            start=start,
         )
-        vectors = None
-        if word_vectors != "none":
-            from astar.train.wordvec import load_word_vectors
-
-            if not Path(word_vectors).is_file():
-                raise click.BadParameter(
-                    f"{word_vectors}: no such file", param_hint="--word-vectors"
-                )
-            loaded = load_word_vectors(
-                Path(word_vectors), data_set.vocabulary, dim=model_config.embed_dim
-            )
-            click.echo(loaded.describe(), err=True)
-            vectors = torch.as_tensor(loaded.matrix)
-        train = data_set.encoded_captions("train")
-        data = CaptionData(
-            vocabulary=data_set.vocabulary.to_dict(),
-            train=train,
-            val_references=data_set.captions_by_video("val"),
-            decode=data_set.vocabulary.decode,
-        )
-        validate = (
-            make_validator(
-                feature_store, data_set, "val", config.max_length, on_corrupt=config.on_corrupt
-            )
-            if data.val_references
-            else None
-        )
-        trainer = Trainer(feature_store, data, model_config, config, out, vectors, validate)
-        # Rank 0 holds OUT for the run: a second run there is refused before it touches anything.
-        held = run_directory(out) if trainer.rank == 0 else contextlib.nullcontext(out)
-        state = _run(trainer, held, model_config, config, store, dataset, resume, resume_or_restart)
+        result = train_captioner(config, say=lambda line: click.echo(line, err=True))
     except (
         TrainingError, CheckpointError, StoreError, DatasetError, VocabularyError,
         WordVectorsError, ValueError,
@@ -253,67 +155,8 @@ def main(
         if message is None:
             raise
         raise click.ClickException(message) from error
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
-    if trainer.rank == 0:
-        _print_summary(out, state, config)
-
-
-def _run(trainer, held, model_config, config, store, dataset, resume, resume_or_restart):
-    """Resume or start the run in its held directory, write config.json, train."""
-    from astar.train.loop import clear_run
-
-    out = trainer.out
-    with held:
-        if resume_or_restart:
-            checkpoint = out / "last.pt"
-            reason = trainer.resume_if_unfinished(checkpoint) if checkpoint.exists() else ""
-            resumed = checkpoint.exists() and not reason
-            if not resumed and trainer.rank == 0:
-                if reason:
-                    click.echo(f"{out}: {reason}: training again from scratch", err=True)
-                clear_run(out)  # also the logs of a run killed before its first checkpoint
-            if trainer.world_size > 1:
-                torch.distributed.barrier()  # nobody reads OUT while rank 0 clears it
-        elif resume:
-            if not (out / "last.pt").exists():
-                raise click.ClickException(
-                    f"--resume: {out} holds no checkpoint (last.pt) to continue; run without "
-                    "--resume to start afresh"
-                )
-            trainer.resume(out / "last.pt")
-        elif (out / "last.pt").exists():
-            raise click.ClickException(
-                f"{out} already holds a run (last.pt): pass --resume to continue it, or choose "
-                "another --out"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        if trainer.rank == 0:
-            (out / "config.json").write_text(
-                json.dumps(
-                    {
-                        "model": model_config.to_dict(),
-                        "train": config.to_dict(),
-                        "store": str(store),
-                        "dataset": str(dataset),
-                        "world_size": trainer.world_size,
-                        "precision_used": trainer.precision,  # what "auto" resolved to here
-                        "device": str(trainer.device),
-                    },
-                    indent=2,
-                    default=str,
-                )
-                + "\n"
-            )
-        if trainer.rank == 0:
-            click.echo(
-                f"{out}: training {model_config.variant} on {trainer.device} in "
-                f"{trainer.precision} (precision {config.precision})",
-                err=True,
-            )
-        state = trainer.run()
-    return state
+    if result.rank == 0:
+        _print_summary(out, result.state, config.train)
 
 
 def _print_summary(out: Path, state, config) -> None:

@@ -24,11 +24,10 @@ import numpy as np
 import torch
 
 from astar.store import CorruptVideo, FeatureStore
+from astar.store.geometry import POOL_LAYERS
 from astar.train.model import FeatureBatch
 
 log = logging.getLogger(__name__)
-
-POOL_LAYERS = ("pool2", "pool3", "pool4", "pool5")
 
 
 @dataclass(frozen=True)

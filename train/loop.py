@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from astar.store import FeatureStore
-from astar.store.errors import PartitionLocked
+from astar.store.errors import PartitionLocked, StoreError
 from astar.store.files import FileLock, atomic_write_text
+from astar.store.schema import Weights
 from astar.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -141,20 +142,28 @@ def store_layers(store: FeatureStore) -> tuple[dict[str, int], int]:
     return channels, int(shapes["fc7"][0])
 
 
+def _weights_text(value: Any) -> Any:
+    try:
+        return str(Weights.parse(value))
+    except StoreError:
+        return value
+
+
 def compatibility_problems(
     payload: dict[str, Any], store: FeatureStore, vocabulary: dict
 ) -> list[str]:
     """What differs between a checkpoint and the store/vocabulary it is used with."""
     problems = []
-    saved = payload.get("store_schema", {})
+    saved = dict(payload.get("store_schema", {}))
     current = store.schema.to_dict()
+    with contextlib.suppress(StoreError):  # older checkpoints hold the weights' string form
+        saved["weights"] = asdict(Weights.parse(saved.get("weights")))
     for key in ("backbone", "weights", "fps", "size", "layer_shapes", "preprocessing", "dtype"):
-        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(
-            current.get(key), sort_keys=True
-        ):
-            problems.append(
-                f"store {key}: checkpoint has {saved.get(key)!r}, store has {current.get(key)!r}"
-            )
+        mine, theirs = saved.get(key), current.get(key)
+        if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
+            if key == "weights":  # in their short form, random(seed=S) or sha256:<hex>
+                mine, theirs = (_weights_text(value) for value in (mine, theirs))
+            problems.append(f"store {key}: checkpoint has {mine!r}, store has {theirs!r}")
     if payload.get("vocabulary") != vocabulary:
         problems.append("the vocabulary differs from the dataset's")
     return problems
@@ -174,7 +183,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise TrainingError(f"precision must be fp32, bf16 or auto, not {precision!r}")
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from astar.extract.c3d import cpu_has_fast_bf16
+    from astar.extract.precision import cpu_has_fast_bf16
 
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 

@@ -35,15 +35,16 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from astar.store.geometry import BACKBONES, MIN_FRAMES, POOL_LAYERS, TIME_STRIDES
 from astar.train.hard import vimco_surrogate
 
-POOL_LAYERS = ("pool2", "pool3", "pool4", "pool5")  # the paper's L = 4 layers, low to high
-C3D_LAYER_CHANNELS = {"pool2": 128, "pool3": 256, "pool4": 512, "pool5": 512}
-C3D_FC_DIM = 4096
-C3D_SMALL_LAYER_CHANNELS = {"pool2": 32, "pool3": 64, "pool4": 128, "pool5": 128}  # "c3d-small"
-C3D_SMALL_FC_DIM = 1024
-VARIANTS = ("fc7", "pool2", "pool3", "pool4", "pool5", "soft", "hard")
-MIN_FRAMES = 16  # C3D needs one 16-frame window for a pool5 step (ASTAR-NOTES, stage one)
+# The C3D facts (layers, strides, widths, minimum frames) come from the one place that defines
+# them; the captioner's defaults are sized for the paper's "c3d" and the CPU "c3d-small".
+C3D_LAYER_CHANNELS = BACKBONES["c3d"].tap_channels()
+C3D_FC_DIM = BACKBONES["c3d"].fc
+C3D_SMALL_LAYER_CHANNELS = BACKBONES["c3d-small"].tap_channels()
+C3D_SMALL_FC_DIM = BACKBONES["c3d-small"].fc
+VARIANTS = ("fc7", *POOL_LAYERS, "soft", "hard")
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -312,11 +313,24 @@ class AlignmentSpec:
     pool_padding: tuple[int, int, int]  # (t, h, w): makes the windows pool5's own windows
 
 
+# Per layer: the cubic conv kernel and padding, and the pool padding that makes its windows
+# pool5's own; time strides come from C3D's geometry, and the pool kernel is the factor that
+# brings a layer's steps onto pool5's (pool2: 16 / 2 = 8).
+_ALIGNMENT_CONVS = {
+    "pool2": (7, 3, (0, 4, 4)),
+    "pool3": (5, 2, (0, 2, 2)),
+    "pool4": (3, 1, (0, 1, 1)),
+    "pool5": (None, 0, (0, 0, 0)),
+}
 ALIGNMENT = {
-    "pool2": AlignmentSpec(frame_stride=2, kernel=7, padding=3, pool=8, pool_padding=(0, 4, 4)),
-    "pool3": AlignmentSpec(frame_stride=4, kernel=5, padding=2, pool=4, pool_padding=(0, 2, 2)),
-    "pool4": AlignmentSpec(frame_stride=8, kernel=3, padding=1, pool=2, pool_padding=(0, 1, 1)),
-    "pool5": AlignmentSpec(frame_stride=16, kernel=None, padding=0, pool=1, pool_padding=(0, 0, 0)),
+    name: AlignmentSpec(
+        frame_stride=TIME_STRIDES[name],
+        kernel=kernel,
+        padding=padding,
+        pool=TIME_STRIDES["pool5"] // TIME_STRIDES[name],
+        pool_padding=pool_padding,
+    )
+    for name, (kernel, padding, pool_padding) in _ALIGNMENT_CONVS.items()
 }
 
 

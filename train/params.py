@@ -39,7 +39,7 @@ from astar.train.model import VARIANTS, CaptionerConfig
 
 __all__ = ["RULES", "FieldType", "ParamsError", "Rule", "read_params", "read_section"]
 
-# The scores the validation of train-captioner reports (astar.train.cli.make_validator), the only
+# The scores the validation of train-captioner reports (astar.train.run.make_validator), the only
 # ones early stopping can follow.
 VALIDATION_METRICS = ("CIDEr", "BLEU-4", "ROUGE_L")
 

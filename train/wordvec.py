@@ -20,7 +20,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
-from astar.train.vocab import PAD_ID, SPECIAL_TOKENS, Vocabulary
+from astar.pipelines.vocab import PAD_ID, SPECIAL_TOKENS, Vocabulary
 
 __all__ = ["WordVectors", "WordVectorsError", "detect_format", "load_word_vectors"]
 

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pycocoevalcap.tokenizer.ptbtokenizer as coco_ptb
 
-from astar.evaluate._scorer_worker import BLEU_NAMES, FAULT_HANG, FAULT_RAISE
+from astar.pipelines._scorer_worker import BLEU_NAMES, FAULT_HANG, FAULT_RAISE
 from astar.pipelines.text import sanitise_caption
 
 __all__ = [

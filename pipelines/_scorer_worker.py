@@ -1,6 +1,6 @@
-"""Child process that runs the pycocoevalcap scorers for ``astar.evaluate.metrics``.
+"""Child process that runs the pycocoevalcap scorers for ``astar.pipelines.metrics``.
 
-    python -m astar.evaluate._scorer_worker REQUEST.json RESULT.json
+    python -m astar.pipelines._scorer_worker REQUEST.json RESULT.json
 
 The parent (``metrics.run_scorers``) starts this in its own process group and kills the whole
 group, METEOR's Java process included, if it runs past the timeout. That is why the scorers live
