@@ -28,7 +28,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check extract store train evaluate pipelines tests benchmarks
 
-# With CI=true (as .ci/run has it) tests/conftest.py makes this list the slowest tests too.
+# Under CI=true (or 1, as CI services set it) tests/conftest.py also lists the slowest tests.
 test: venv lint
 	$(BIN)/python -m pytest
 

@@ -29,7 +29,7 @@ grid with pool5's own windows, so the mapping of pool5 holds for every layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from astar.store.geometry import TIME_STRIDES
 from astar.train.decoding import DecodedCaption
 
-POOL5_FRAMES = 16  # sampled frames per pool5 step: pool2..pool5 each halve time, pool1 does not
+POOL5_FRAMES = TIME_STRIDES["pool5"]  # sampled frames per pool5 step (pool1 keeps time)
 POOL4_PIXELS = 16  # pixels per pool4 cell: pool1..pool4 each halve height and width
 POOL5_PADDING = 1  # pool5's spatial padding: its first window starts one pool4 cell early
 PANEL_INCHES = (1.9, 3.4)  # (width, height) of one word's column in the picture
@@ -186,6 +187,56 @@ def attention_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
     return path
+
+
+def caption_words(text: str, decoded: DecodedCaption) -> list[str]:
+    """The words of one panel each: the caption's, and ``<eos>`` where the model ended it."""
+    return text.split() + (["<eos>"] if decoded.finished else [])
+
+
+def split_figures(
+    trained,
+    video_paths: dict[str, str],
+    captions: dict[str, DecodedCaption],
+    folder: Path,
+    say: Callable[[str], None],
+) -> list[Path]:
+    """Attention pictures of the videos of ``captions`` (in their order), their frames decoded
+    again from ``video_paths`` as the features were, in the isolated decoder: a video that
+    hangs or breaks the decoder costs its picture (said through ``say``), not the evaluation.
+
+    ``trained`` is an :class:`~astar.evaluate.inference.TrainedCaptioner`. A variant that
+    attends no location gets a README.txt in ``folder`` saying so.
+    """
+    from astar.evaluate.inference import decode_config
+    from astar.extract.decode import VideoDecodeError
+    from astar.extract.isolation import IsolatedDecoder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    layer_names = trained.model.config.attended_layers
+    if not layer_names:
+        note = f"{trained.variant} attends to no location: no attention pictures"
+        (folder / "README.txt").write_text(note + "\n")  # the folder exists for every variant
+        say(note)
+        return []
+    wanted = {}
+    for vid in captions:
+        if video_paths.get(vid, ""):
+            wanted[vid] = video_paths[vid]
+        else:
+            say(f"no video file for {vid}: no attention picture")
+    written = []
+    with IsolatedDecoder(decode_config(trained.schema)) as decoder:
+        for vid, (_, video) in zip(wanted, decoder.imap(list(wanted.values())), strict=True):
+            if isinstance(video, VideoDecodeError):
+                say(f"{vid}: no attention picture ({video.kind}): {video}")
+                continue
+            caption = captions[vid]
+            words = caption_words(trained.vocabulary.decode(caption.tokens), caption)
+            safe = vid.replace("/", "_")
+            path = folder / f"{safe}.png"
+            written.append(attention_figure(video.frames, words, caption, layer_names, path))
+    return written
 
 
 def _beta_bars(axes, beta: np.ndarray, layer_names: Sequence[str]) -> None:

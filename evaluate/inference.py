@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from astar.train.checkpoint import CheckpointError, load_checkpoint
 from astar.train.data import FeatureSource, collate_features
 from astar.train.decoding import DecodedCaption, beam_search, greedy_decode
 from astar.train.model import Captioner, CaptionerConfig, FeatureBatch
+
+if TYPE_CHECKING:
+    from astar.extract.decode import DecodeConfig
 
 
 class InferenceError(Exception):
@@ -131,6 +134,15 @@ def _stored(array: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(array).astype(dtype).astype(np.float32)
 
 
+def decode_config(schema: StoreSchema) -> DecodeConfig:
+    """How the videos of a store were decoded: its fps, size and frame limits."""
+    from astar.extract.decode import DecodeConfig
+
+    return DecodeConfig(
+        fps=schema.fps, size=schema.size, min_frames=schema.min_frames, max_frames=schema.max_frames
+    )
+
+
 def extract_like_training(
     trained: TrainedCaptioner,
     paths: Sequence[str | Path],
@@ -144,7 +156,7 @@ def extract_like_training(
     init rebuilds it from the recorded seed.
     """
     from astar.extract.c3d import C3DExtractor, file_sha256
-    from astar.extract.decode import DecodeConfig, VideoDecodeError
+    from astar.extract.decode import VideoDecodeError
     from astar.extract.isolation import IsolatedDecoder
 
     schema = trained.schema
@@ -175,9 +187,7 @@ def extract_like_training(
             f"preprocessing {extractor.info['preprocessing']} differs from training's "
             f"{schema.preprocessing}"
         )
-    decode = DecodeConfig(
-        fps=schema.fps, size=schema.size, min_frames=schema.min_frames, max_frames=schema.max_frames
-    )
+    decode = decode_config(schema)
     done, failed = [], []
     with IsolatedDecoder(decode) as decoder:
         for path, decoded in decoder.imap([Path(p) for p in paths]):

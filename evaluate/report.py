@@ -9,14 +9,27 @@ seed alike.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from astar.pipelines.metrics import TABLE_METRICS
 
-__all__ = ["Flag", "ModelRow", "Report", "ReportError", "Run", "build_report", "group_runs"]
+__all__ = [
+    "Flag",
+    "ModelRow",
+    "Report",
+    "ReportError",
+    "Run",
+    "build_report",
+    "group_runs",
+    "markdown_table",
+    "report_from_files",
+]
 
 TABLE_HEADER = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")  # TABLE_METRICS as the paper names them
 FLOOR_ROW = "most_common_caption"  # the reference row a model must beat to have learned anything
@@ -223,3 +236,103 @@ def build_report(
                 if run.scores[FLOOR_METRIC] <= floor:
                     flags.append(Flag(model.name, (run.seed,), run.scores[FLOOR_METRIC], floor))
     return Report(models, references, flags)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of {"name", and the TABLE_METRICS} -> the paper-style Markdown table."""
+    lines = ["| model | " + " | ".join(TABLE_HEADER) + " |", "|---" * (len(TABLE_HEADER) + 1) + "|"]
+    for row in rows:
+        values = [row.get(metric) for metric in TABLE_METRICS]
+        cells = [
+            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+            for v in values
+        ]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading evaluations from their folders
+
+SEED_FOLDER = re.compile(r"seed(\d+)")  # VARIANT/seedS: the evaluation of one training seed
+
+
+def _seed_files(folder: Path, seeds: tuple[int, ...]) -> list[Path]:
+    """A variant's evaluations: FOLDER/seedS/metrics.json of ``seeds`` (default: every seedS
+    sub-folder), or FOLDER/metrics.json itself where it is one evaluation."""
+    if seeds:
+        files = [folder / f"seed{seed}" / "metrics.json" for seed in seeds]
+        absent = [str(file) for file in files if not file.is_file()]
+        if absent:
+            raise ReportError(f"no evaluation {', '.join(absent)}")
+        return files
+    if (folder / "metrics.json").exists():
+        return [folder / "metrics.json"]
+    found = [p for p in folder.glob("seed*/metrics.json") if SEED_FOLDER.fullmatch(p.parent.name)]
+    found.sort(key=lambda p: int(p.parent.name[len("seed") :]))
+    return found or [folder / "metrics.json"]  # reading it says what is missing
+
+
+def _metrics_files(
+    runs: tuple[Path, ...], variants: tuple[str, ...], seeds: tuple[int, ...] = ()
+) -> list[Path]:
+    """The metrics.json of each run, a folder of runs expanded into its sub-folders (and those
+    into their seedS sub-folders)."""
+    from astar.train.model import VARIANTS  # lazily: torch is slow to import
+
+    files = []
+    for run in runs:
+        if not run.is_dir() or (run / "metrics.json").exists():
+            files.append(run / "metrics.json" if run.is_dir() else run)
+            continue
+        if variants:
+            names = list(variants)
+        else:
+            found = {p.parent.name for p in run.glob("*/metrics.json")}
+            found |= {p.parent.parent.name for p in run.glob("*/seed*/metrics.json")}
+            order = {name: index for index, name in enumerate(VARIANTS)}
+            names = sorted(found, key=lambda name: (order.get(name, len(order)), name))
+        if not names:
+            raise ReportError(f"{run}: no metrics.json in it or its sub-folders")
+        for name in names:
+            files.extend(_seed_files(run / name, seeds))
+    return files
+
+
+def _read_run(path: Path) -> Run:
+    """An evaluation's metrics file as a report Run (its seed: recorded, or from seedS/)."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ReportError(f"{path}: cannot read metrics: {error}") from error
+    missing = [m for m in TABLE_METRICS if m not in metrics]
+    if missing:
+        raise ReportError(f"{path}: no {', '.join(missing)} in the metrics")
+    folder = SEED_FOLDER.fullmatch(path.parent.name) if path.name == "metrics.json" else None
+    seed = metrics.get("seed")
+    if seed is None and folder:
+        seed = int(folder.group(1))
+    evaluation = path.parent.parent if folder else path.parent
+    name = metrics.get("name") or (evaluation.name if path.name == "metrics.json" else path.stem)
+    return Run(name, seed, {m: metrics[m] for m in TABLE_METRICS}, str(path))
+
+
+def report_from_files(
+    runs: Iterable[Path],
+    references: Iterable[Path] = (),
+    variants: Iterable[str] = (),
+    seeds: Iterable[int] = (),
+) -> Report:
+    """The report of evaluation folders, metrics files or folders of evaluation folders (see
+    ``report --help``), with the reference rows of the JSON files ``references``."""
+    evaluations = [
+        _read_run(path) for path in _metrics_files(tuple(runs), tuple(variants), tuple(seeds))
+    ]
+    rows = []
+    for reference in references:
+        try:
+            extra = json.loads(Path(reference).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ReportError(f"{reference}: cannot read reference rows: {error}") from error
+        rows.extend(extra.items())
+    return build_report(evaluations, rows)

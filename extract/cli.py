@@ -11,6 +11,7 @@ from astar.extract.c3d import BACKBONES
 from astar.extract.decode import DecodeConfig
 from astar.extract.runner import ExtractConfig, InputError, extract_features
 from astar.store.files import no_space_report
+from astar.store.geometry import FRAME_SIZE, MIN_FRAMES
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -26,8 +27,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     "--out", "-o", required=True, type=click.Path(path_type=Path), help="Store directory."
 )
 @click.option("--fps", default=2.0, show_default=True, help="Frames sampled per second of video.")
-@click.option("--size", default=112, show_default=True, help="Frames are resized to SIZE x SIZE.")
-@click.option("--min-frames", default=16, show_default=True, help="Pad shorter videos to this.")
+@click.option(
+    "--min-frames", default=MIN_FRAMES, show_default=True, help="Pad shorter videos to this."
+)
 @click.option(
     "--max-frames", default=128, show_default=True, help="Subsample longer videos; 0 = no cap."
 )
@@ -86,7 +88,6 @@ def main(
     videos: tuple[Path, ...],
     out: Path,
     fps: float,
-    size: int,
     min_frames: int,
     max_frames: int,
     backbone: str,
@@ -114,15 +115,10 @@ def main(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    if fps <= 0 or size <= 0 or min_frames < 16 or max_frames < 0 or partition_size < 1:
+    if fps <= 0 or min_frames < MIN_FRAMES or max_frames < 0 or partition_size < 1:
         raise click.UsageError(
-            "need --fps > 0, --size > 0, --min-frames >= 16, --max-frames >= 0, "
+            f"need --fps > 0, --min-frames >= {MIN_FRAMES}, --max-frames >= 0, "
             "--partition-size >= 1"
-        )
-    if size != 112:
-        raise click.UsageError(
-            f"--size {size}: C3D's fc6 takes the 4 x 4 pool5 grid of 112 x 112 frames; "
-            "other sizes are not supported"
         )
     if max_frames and max_frames < min_frames:
         raise click.UsageError(f"--max-frames {max_frames} is below --min-frames {min_frames}")
@@ -132,7 +128,7 @@ def main(
     config = ExtractConfig(
         decode=DecodeConfig(
             fps=fps,
-            size=size,
+            size=FRAME_SIZE,  # C3D's fc6 takes the 4 x 4 pool5 grid of 112 x 112 frames
             min_frames=min_frames,
             max_frames=max_frames or None,
             timeout_s=timeout,

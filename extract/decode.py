@@ -57,6 +57,7 @@ from astar.extract.sampling import (
     sample_times,
     select_indices,
 )
+from astar.store.geometry import FRAME_SIZE, MIN_FRAMES
 
 FAILURE_KINDS: tuple[str, ...] = (
     "missing",
@@ -80,8 +81,8 @@ class DecodeConfig:
     fps: float = 2.0  # frames sampled per second of video, by timestamp
     # Output frames are size x size (resized, not cropped). decord 0.6 fails on some small
     # widths (1-4, 6, 8, 12, 16, 24, 48, 72 seen): every frame then fails with decode_error.
-    size: int = 112
-    min_frames: int = 16  # shorter results repeat their last frame up to this count
+    size: int = FRAME_SIZE  # C3D's input
+    min_frames: int = MIN_FRAMES  # shorter results repeat their last frame up to this count
     max_frames: int | None = 128  # longer sampling grids are subsampled uniformly; None = no cap
     timeout_s: float = 120.0  # wall-clock seconds IsolatedDecoder allows one video
     allow_truncated: bool = False  # decode the intact part of a cut file instead of failing

@@ -1,13 +1,13 @@
 """``prepare-dataset KIND ... --out DIR`` and ``make-demo-dataset --out DIR``.
 
 Thin commands: parse, build the config, call one function of ``astar.pipelines.datasets`` or
-``astar.pipelines.demo``, print the summary. Bad input becomes one clear error message.
+``astar.pipelines.demo``, print the summary. Bad input becomes one clear error message. The demo
+command only renders the raw folder; ``prepare-dataset folder generic`` prepares it.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -255,7 +255,7 @@ def folder(kind: str, folder: Path, scheme: str, seed: int) -> tuple[Annotations
     "-o",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the videos, the captions file and the dataset.",
+    help="Folder for the videos and the captions file (a generic dataset folder).",
 )
 @click.option("--seed", default=0, show_default=True, help="Everything is a function of it.")
 @click.option("--n-train", default=DemoConfig.n_train, show_default=True, help="Training videos.")
@@ -263,12 +263,6 @@ def folder(kind: str, folder: Path, scheme: str, seed: int) -> tuple[Annotations
 @click.option("--n-test", default=DemoConfig.n_test, show_default=True, help="Test videos.")
 @click.option("--captions-per-video", default=DemoConfig.captions_per_video, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Processes rendering videos.")
-@click.option(
-    "--score",
-    is_flag=True,
-    help="Also score the test split's leave-one-out ceiling and most-common-caption "
-    "baseline (needs Java) into DIR/reference_scores.json.",
-)
 def make_demo_dataset(
     out: Path,
     seed: int,
@@ -277,9 +271,9 @@ def make_demo_dataset(
     n_test: int,
     captions_per_video: int,
     workers: int,
-    score: bool,
 ) -> None:
-    """Render the synthetic demo dataset (H.264 videos, paraphrased captions) into OUT."""
+    """Render the synthetic demo dataset (H.264 videos, paraphrased captions) into OUT, a
+    generic dataset folder: `prepare-dataset folder generic OUT --out DIR` prepares it."""
     try:
         config = DemoConfig(
             seed=seed,
@@ -288,18 +282,11 @@ def make_demo_dataset(
             n_test=n_test,
             captions_per_video=captions_per_video,
         )
-        dataset = build_demo(out, config, workers=workers)
-    except (DemoError, DatasetError) as error:
+        captions = build_demo(out, config, workers=workers)
+    except DemoError as error:
         raise click.ClickException(str(error)) from error
-    click.echo(_describe(dataset, out))
-    if score:
-        from astar.evaluate.references import reference_rows
-        from astar.pipelines.metrics import MetricsError
-
-        try:
-            rows = reference_rows(out, "test")
-        except MetricsError as error:
-            raise click.ClickException(str(error)) from error
-        (out / "reference_scores.json").write_text(json.dumps(rows, indent=2) + "\n")
-        for name, values in rows.items():
-            click.echo(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    videos = n_train + n_val + n_test
+    click.echo(
+        f"{out}: {videos} videos ({n_train} train, {n_val} val, {n_test} test), "
+        f"{videos * captions_per_video} captions in {captions.name}"
+    )

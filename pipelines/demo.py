@@ -14,9 +14,9 @@ shapes, ``seconds`` long at ``fps``, and encoded as real H.264 files; at the pip
 from its own generator ``default_rng([seed, index])``, so the same seed gives byte-identical
 caption tables and identical decoded frames.
 
-``make_demo_dataset`` writes the generic captions file and the videos (what ``prepare-dataset
-generic`` reads) and the prepared dataset itself, through the same code. The reference rows of
-its table (any dataset's) are ``astar.evaluate.references``.
+``make_demo_dataset`` writes only the raw material, a dataset folder in the generic layout
+(``annotations.csv`` + ``videos/``, and ``demo.json``: what was drawn); ``prepare-dataset folder
+generic`` prepares it like any other dataset, and ``score-references`` scores its reference rows.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from astar.pipelines.datasets import Dataset, PrepareConfig, prepare_dataset, read_generic
 from astar.pipelines.videoio import write_video
 
 __all__ = [
@@ -406,14 +405,12 @@ def _video_id(index: int) -> str:
     return f"demo{index:04d}"
 
 
-def make_demo_dataset(
-    out: str | Path, config: DemoConfig = DemoConfig(), workers: int = 1
-) -> Dataset:
-    """Render the videos, write ``annotations.csv`` and ``demo.json``, prepare ``out``.
+def make_demo_dataset(out: str | Path, config: DemoConfig = DemoConfig(), workers: int = 1) -> Path:
+    """Render the videos into ``out/videos/``, write ``out/annotations.csv`` and ``demo.json``.
 
-    ``out/annotations.csv`` + ``out/videos/`` are the generic form (``prepare-dataset generic``
-    reads them); videos.csv, captions.csv, vocab.json and summary.json are the prepared dataset.
-    ``workers`` processes render and encode; the output does not depend on it.
+    ``out`` is then a generic dataset folder (``prepare-dataset folder generic`` or
+    ``read_folder("generic", out)`` reads it); nothing is prepared here. ``workers`` processes
+    render and encode; the output does not depend on it. Returns the captions file.
     """
     out = Path(out)
     videos_dir = out / "videos"
@@ -436,7 +433,4 @@ def make_demo_dataset(
     (out / "demo.json").write_text(
         json.dumps({"config": asdict(config), "videos": specs}, indent=1) + "\n", encoding="utf-8"
     )
-    annotations = read_generic(out / "annotations.csv")
-    dataset = prepare_dataset(annotations, PrepareConfig(videos_dir=videos_dir, strict=True))
-    dataset.save(out)
-    return Dataset.load(out)
+    return out / "annotations.csv"

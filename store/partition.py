@@ -19,11 +19,11 @@ import numpy as np
 import zarr
 
 from astar.store.chunkstore import chunk_key, open_array
+from astar.store.digest import checksum
 from astar.store.errors import MissingChunk, StoreError
 from astar.store.geometry import LAYERS
 from astar.store.manifest import parse_timestamps, read_manifest
 from astar.store.schema import time_axis
-from astar.store.writer import checksum
 
 SPANNED = ("timestamps", *LAYERS)  # arrays holding one span per ok video
 # Threads hashing the videos of a read (hashlib releases the GIL). bench_store_read.py on 2
@@ -146,7 +146,7 @@ class PartitionReader:
 
 
 def checksums(arrays: Sequence[np.ndarray]) -> list[str]:
-    """:func:`~astar.store.writer.checksum` of each array, several at a time on a few threads."""
+    """:func:`~astar.store.digest.checksum` of each array, several at a time on a few threads."""
     if len(arrays) < 2 or HASH_THREADS < 2:
         return [checksum(array) for array in arrays]
     return list(_hash_pool().map(checksum, arrays))

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -29,10 +29,23 @@ from astar.store.partition import PartitionReader, checksums, damage_text
 from astar.store.plan import PartitionPlan
 from astar.store.schema import StoreSchema, time_axis
 
-if TYPE_CHECKING:
-    from astar.store.featurestore import FeatureStore
-
 VERIFY_BATCH = 16  # videos read per call while verifying (consecutive, so chunks are shared)
+
+
+class CheckedStore(Protocol):
+    """What checking and summarising read of a store (a :class:`~astar.store.FeatureStore`):
+    the store's ``verify`` calls :func:`verify_store`, so this module may not import it back."""
+
+    path: Path  # the store's root directory
+    schema: StoreSchema  # how every video of the store is shaped and typed
+
+    @property
+    def partitions(self) -> list[PartitionPlan]: ...  # every planned partition
+
+    @property
+    def manifest(self) -> pd.DataFrame: ...  # every video of the complete partitions
+
+    def is_complete(self, name: str) -> bool: ...  # partition ``name`` is committed
 
 
 @dataclass
@@ -47,7 +60,7 @@ class VerifyReport:
     damaged: dict[str, str] = field(default_factory=dict)
 
 
-def verify_store(store: FeatureStore) -> VerifyReport:
+def verify_store(store: CheckedStore) -> VerifyReport:
     """Read every complete partition back and compare it with its manifest and the schema."""
     report = VerifyReport()
     try:
@@ -215,7 +228,7 @@ def _timestamps_damage(
 
 
 def _check_leftovers(
-    store: FeatureStore, planned: dict[str, PartitionPlan], report: VerifyReport
+    store: CheckedStore, planned: dict[str, PartitionPlan], report: VerifyReport
 ) -> None:
     pending = [name for name in planned if not store.is_complete(name)]
     if pending:
@@ -265,7 +278,7 @@ def _disk_usage(root: Path) -> tuple[int, int]:
     return size, files
 
 
-def summarize_store(store: FeatureStore) -> dict[str, Any]:
+def summarize_store(store: CheckedStore) -> dict[str, Any]:
     """What the store holds, as JSON-ready data: schema, counts, sizes, progress."""
     manifest = store.manifest
     statuses = Counter(manifest["status"]) if len(manifest) else Counter()
@@ -293,7 +306,7 @@ def summarize_store(store: FeatureStore) -> dict[str, Any]:
     }
 
 
-def failures_table(store: FeatureStore) -> pd.DataFrame:
+def failures_table(store: CheckedStore) -> pd.DataFrame:
     """The failed videos: id, status (the failure kind), reason, source, partition."""
     manifest = store.manifest
     if not len(manifest):

@@ -19,7 +19,6 @@ slow the extractor down; compression happens once, at commit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,22 +27,20 @@ import threading
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import ZstdCodec
 
+from astar.store.digest import checksum
 from astar.store.errors import InvalidFeatures, StoreError
 from astar.store.files import TEMP_PREFIX, FileLock, atomic_write, fsync_dir, fsync_tree
 from astar.store.geometry import LAYERS
 from astar.store.manifest import INFO_KEYS, MISSING, OK, write_manifest
 from astar.store.plan import PartitionPlan, normalize_source
 from astar.store.schema import StoreSchema, time_axis
-
-if TYPE_CHECKING:
-    from astar.store.featurestore import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +66,20 @@ def chunk_length(schema: StoreSchema, layer: str, total: int) -> int:
     return max(1, min(math.ceil(TARGET_CHUNK_BYTES / step_bytes), total))
 
 
-def checksum(array: np.ndarray) -> str:
-    """sha256 of an array's values as little-endian bytes (about 1.4 GB/s).
-
-    A view (a video's time range of a partition's block) is copied first: measured, that beats
-    hashing its contiguous channels one by one (1.6 against 1.2 GB/s), the copy being cheap
-    (3.6 GB/s) and leaving the bytes in cache for the hash.
-    """
-    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    return hashlib.sha256(little.data).hexdigest()
-
-
 def staged_name(index: int) -> str:
     return f"v{index:05d}.npz"
+
+
+class WritableStore(Protocol):
+    """What a writer needs of its store (a :class:`~astar.store.FeatureStore`), no more: the
+    store makes writers, so the writer may not import it back."""
+
+    path: Path  # the store's root directory
+    schema: StoreSchema  # how every video of the store is shaped and typed
+
+    def is_complete(self, name: str) -> bool: ...  # partition ``name`` is committed
+
+    def refresh(self) -> None: ...  # forget the index, so a new partition is seen
 
 
 class PartitionWriter:
@@ -100,7 +98,7 @@ class PartitionWriter:
     holds all its videos and ``commit`` does nothing.
     """
 
-    def __init__(self, store: FeatureStore, plan: PartitionPlan):
+    def __init__(self, store: WritableStore, plan: PartitionPlan):
         self.plan = plan
         self.name = plan.name
         self.done_ids: set[str] = set()  # videos staged (ok or failed) or already committed

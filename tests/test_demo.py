@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from astar.pipelines.cli import make_demo_dataset as demo_cli
 from astar.pipelines.cli import prepare_dataset as prepare_cli
-from astar.pipelines.datasets import Dataset
+from astar.pipelines.datasets import Dataset, PrepareConfig, prepare_dataset, read_folder
 from astar.pipelines.demo import (
     COLOURS,
     SHAPE_WORDS,
@@ -29,12 +29,22 @@ from astar.pipelines.demo import (
 )
 
 TINY = DemoConfig(seed=3, n_train=4, n_val=2, n_test=2)
+RAW = ["annotations.csv", "demo.json", "videos"]  # all that make_demo_dataset writes
+
+
+def prepare_folder(raw: Path, out: Path) -> Dataset:
+    """What `prepare-dataset folder generic RAW --out OUT` (the prepare stage) does."""
+    annotations, videos = read_folder("generic", raw)
+    prepare_dataset(annotations, PrepareConfig(videos_dir=videos)).save(out)
+    return Dataset.load(out)
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return make_demo_dataset(out, TINY), out
+    """The raw folder and the dataset prepared from it."""
+    raw = tmp_path_factory.mktemp("demo")
+    assert make_demo_dataset(raw, TINY) == raw / "annotations.csv"
+    return prepare_folder(raw, tmp_path_factory.mktemp("prepared")), raw
 
 
 def decode_all(path):
@@ -53,11 +63,10 @@ def test_demo_layout_and_splits(tiny_demo):
     }
     assert len(dataset.captions) == 8 * TINY.captions_per_video
     assert dataset.summary["missing_videos"]["count"] == 0
+    assert sorted(p.name for p in out.iterdir()) == RAW  # raw material only, nothing prepared
     assert sorted(p.name for p in (out / "videos").iterdir()) == [
         f"demo{i:04d}.mp4" for i in range(8)
     ]
-    for name in ("annotations.csv", "demo.json", "videos.csv", "captions.csv", "vocab.json"):
-        assert (out / name).is_file()
     # Each video: distinct paraphrases.
     for captions in dataset.captions_by_video("train").values():
         assert len(set(captions)) == TINY.captions_per_video
@@ -85,15 +94,15 @@ def test_same_seed_same_dataset_other_seed_other(tiny_demo, tmp_path):
     _, out = tiny_demo
     again = tmp_path / "again"
     make_demo_dataset(again, TINY, workers=2)  # the worker count does not matter
-    assert (again / "captions.csv").read_bytes() == (out / "captions.csv").read_bytes()
-    assert (again / "annotations.csv").read_bytes() == (out / "annotations.csv").read_bytes()
+    for name in ("annotations.csv", "demo.json"):
+        assert (again / name).read_bytes() == (out / name).read_bytes()
     for name in ("demo0000.mp4", "demo0007.mp4"):
         np.testing.assert_array_equal(
             decode_all(again / "videos" / name), decode_all(out / "videos" / name)
         )
     other = tmp_path / "other"
     make_demo_dataset(other, DemoConfig(seed=4, n_train=4, n_val=2, n_test=2))
-    assert (other / "captions.csv").read_bytes() != (out / "captions.csv").read_bytes()
+    assert (other / "annotations.csv").read_bytes() != (out / "annotations.csv").read_bytes()
 
 
 def test_captions_describe_the_target_not_the_distractors():
@@ -159,21 +168,27 @@ def test_config_is_validated():
         DemoConfig(n_train=0)
 
 
-def test_make_demo_dataset_cli_and_prepare_generic_agree(tmp_path):
+def test_make_demo_dataset_cli_writes_the_folder_prepare_dataset_reads(tmp_path):
     out = tmp_path / "demo"
     runner = CliRunner()
     args = ["--out", str(out), "--seed", "1", "--n-train", "3", "--n-val", "1", "--n-test", "1"]
     result = runner.invoke(demo_cli, [*args, "--workers", "1"])
     assert result.exit_code == 0, result.output
-    assert "5 videos, 25 captions" in result.output
-    # The generic files it writes give the same dataset through prepare-dataset generic.
-    again = tmp_path / "again"
-    generic = [str(out / "annotations.csv"), "--videos", str(out / "videos"), "--strict"]
-    result = runner.invoke(prepare_cli, ["generic", *generic, "--out", str(again)])
+    assert "5 videos (3 train, 1 val, 1 test), 25 captions" in result.output
+    assert sorted(p.name for p in out.iterdir()) == RAW
+    # The prepare stage's command gives the same dataset as the library call the tests use.
+    prepared = tmp_path / "prepared"
+    result = runner.invoke(prepare_cli, ["folder", "generic", str(out), "--out", str(prepared)])
     assert result.exit_code == 0, result.output
-    assert (again / "captions.csv").read_bytes() == (out / "captions.csv").read_bytes()
-    assert Dataset.load(again).vocabulary == Dataset.load(out).vocabulary
-    assert list(Dataset.load(again).videos["path"]) == list(Dataset.load(out).videos["path"])
+    assert "5 videos, 25 captions" in result.output
+    library = prepare_folder(out, tmp_path / "library")
+    for name in ("videos.csv", "captions.csv", "vocab.json", "summary.json"):
+        assert (prepared / name).read_bytes() == (tmp_path / "library" / name).read_bytes()
+    for problem in ("missing_videos", "videos_without_captions", "empty_captions"):
+        assert library.summary[problem]["count"] == 0
+    # Scoring the reference rows is score-references' job (the references stage), not this one's.
+    result = runner.invoke(demo_cli, [*args, "--score"])
+    assert result.exit_code == 2 and "No such option" in result.output, result.output
 
 
 @pytest.mark.slow
@@ -200,7 +215,8 @@ def test_reference_rows(tmp_path):
 
 
 def test_a_seed_gives_the_same_video_bytes_in_every_run(tmp_path):
-    """Two runs of the command (two processes, as in the pipeline) write identical H.264 files.
+    """Two runs of the command (two processes, as in the pipeline) write identical H.264 files
+    and captions.
 
     The colour conversion is ours, not libswscale's, whose output varied between runs.
     """
@@ -215,9 +231,12 @@ def test_a_seed_gives_the_same_video_bytes_in_every_run(tmp_path):
             + ["--n-test", "1", "--workers", "2"],
             check=True, capture_output=True,
         )  # fmt: skip
-        videos = sorted((tmp_path / run / "videos").glob("*.mp4"))
-        digests.append([hashlib.md5(v.read_bytes()).hexdigest() for v in videos])
-    assert len(digests[0]) == 8 and digests[0] == digests[1]
+        files = [
+            *sorted((tmp_path / run / "videos").glob("*.mp4")),
+            tmp_path / run / "annotations.csv",
+        ]
+        digests.append([hashlib.md5(f.read_bytes()).hexdigest() for f in files])
+    assert len(digests[0]) == 9 and digests[0] == digests[1]  # 8 videos and the captions
     import decord
 
     config = DemoConfig()

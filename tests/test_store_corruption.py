@@ -22,7 +22,7 @@ from astar.store import LAYERS, CorruptVideo, FeatureStore, StoreSchema
 from astar.store import partition as partition_module
 from astar.store import writer as writer_module
 from astar.store.cli import main as inspect_cli
-from astar.store.writer import checksum
+from astar.store.digest import checksum
 
 SHAPES = {
     "pool2": (4, 4, 4),

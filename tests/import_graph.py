@@ -1,0 +1,83 @@
+"""The package's import graph, read from the source with ``ast`` (nothing is imported).
+
+Every ``import astar.x.y`` and ``from astar.x.y import z`` counts, at module level or inside a
+function: a lazy import is still a dependency. Used by the layering test and the dvc.yaml test.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = ("store", "pipelines", "extract", "train", "evaluate")  # the package's folders
+
+
+def module_file(module: str) -> Path | None:
+    """``astar.train.loop`` -> REPO/train/loop.py (or a package's __init__.py); None if absent."""
+    parts = module.split(".")[1:]
+    if not parts or parts[0] not in FOLDERS:
+        return None
+    base = REPO.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def all_modules() -> list[str]:
+    """Every module of the package, as ``astar.<folder>...``."""
+    found = []
+    for folder in FOLDERS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found.append(".".join(("astar", *parts)))
+    return found
+
+
+@cache
+def imports_of(module: str) -> frozenset[str]:
+    """The astar modules ``module`` imports directly (a ``from pkg import name`` that names a
+    submodule counts as that submodule)."""
+    path = module_file(module)
+    if path is None:
+        return frozenset()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("astar."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if not node.module.startswith("astar."):
+                continue
+            found.add(node.module)
+            for alias in node.names:
+                if module_file(f"{node.module}.{alias.name}") is not None:
+                    found.add(f"{node.module}.{alias.name}")
+    found.discard(module)
+    return frozenset(name for name in found if module_file(name) is not None)
+
+
+def closure(module: str) -> set[str]:
+    """``module`` and everything it imports, transitively (packages' __init__ included)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(imports_of(name))
+        parts = name.split(".")  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        todo.extend(".".join(parts[:i]) for i in range(2, len(parts)))
+    return {name for name in seen if module_file(name) is not None}
+
+
+def folder_of(module: str) -> str:
+    return module.split(".")[1]
+
+
+def files_of(modules: set[str]) -> set[Path]:
+    return {module_file(name) for name in modules}
