@@ -25,46 +25,36 @@ from pathlib import Path
 import numpy as np
 
 from astar.store import LAYERS, FeatureStore, StoreSchema, partition
-from astar.store.writer import checksum
+from astar.store.digest import checksum
+from astar.store.geometry import BACKBONES
+from astar.store.schema import Weights
+from astar.store.synthetic import write_videos
 
-# C3D (BACKBONES["c3d"] in astar.extract.c3d) on 112 x 112 frames, without the time axis.
-PAPER_SHAPES = {
-    "pool2": (128, 28, 28),
-    "pool3": (256, 14, 14),
-    "pool4": (512, 7, 7),
-    "pool5": (512, 4, 4),
-    "fc7": (4096,),
-}
+PAPER_SHAPES = BACKBONES["c3d"].layer_shapes()  # C3D on 112 x 112 frames, without time
 
 
 def build_store(root: Path, n_videos: int, partition_size: int, seed: int = 0) -> FeatureStore:
     """A store of ``n_videos`` random videos of 32-128 frames with the paper's shapes."""
     schema = StoreSchema(
         fps=2.0, size=112, min_frames=16, max_frames=128, backbone="c3d",
-        weights="random(seed=0)", preprocessing="caffe-bgr-mean", clip_length=16, clip_stride=8,
+        weights=Weights(seed=0), preprocessing="caffe-bgr-mean", clip_length=16, clip_stride=8,
         layer_shapes=PAPER_SHAPES, dtype="float16",
     )  # fmt: skip
     store = FeatureStore.create_or_open(root, schema)
     rng = np.random.default_rng(seed)
+
+    def make(vid: str) -> tuple[int, dict[str, np.ndarray]]:
+        n_frames = int(rng.integers(32, 129))
+        lengths = schema.expected_lengths(n_frames)
+        return n_frames, {
+            name: np.maximum(
+                rng.standard_normal(schema.full_shape(name, lengths[name]), np.float32), 0
+            )
+            for name in LAYERS
+        }  # layer -> (C, T, H, W) or (clips, D)
+
     videos = [(f"v{k:04d}", f"/bench/v{k:04d}.mp4") for k in range(n_videos)]
-    for plan in store.plan(videos, partition_size=partition_size):
-        with store.partition_writer(plan.name) as writer:
-            for vid, source in plan.videos:
-                n_frames = int(rng.integers(32, 129))
-                lengths = schema.expected_lengths(n_frames)
-                features = {
-                    name: np.maximum(
-                        rng.standard_normal(schema.full_shape(name, lengths[name]), np.float32), 0
-                    )
-                    for name in LAYERS
-                }  # layer -> (C, T, H, W) or (clips, D)
-                info = {
-                    "n_frames": n_frames, "n_sampled": n_frames, "padded": False,
-                    "subsampled": False, "duration": n_frames / 2, "fps": None,
-                    "source_fps": 25.0, "timestamps": np.arange(n_frames) / 2,
-                }  # fmt: skip
-                writer.add(vid, source, features, info)
-            writer.commit()
+    write_videos(store, videos, make, partition_size)
     return store
 
 

@@ -26,52 +26,40 @@ import numpy as np
 import torch
 
 from astar.store import FeatureStore, StoreSchema
+from astar.store.geometry import BACKBONES, TAP_GRID, TIME_STRIDES
+from astar.store.schema import Weights
+from astar.store.synthetic import write_videos
 from astar.train.data import BatchLoader, FeatureSource, VideoMajorSampler
 from astar.train.model import (
     C3D_FC_DIM,
     C3D_LAYER_CHANNELS,
-    C3D_SMALL_FC_DIM,
-    C3D_SMALL_LAYER_CHANNELS,
     VARIANTS,
     Captioner,
     CaptionerConfig,
     FeatureBatch,
 )
 
-SPATIAL = {"pool2": (28, 28), "pool3": (14, 14), "pool4": (7, 7), "pool5": (4, 4)}
-
-
-def _shapes(channels: dict[str, int], fc_dim: int) -> dict[str, tuple[int, ...]]:
-    shapes = {name: (channels[name], *SPATIAL[name]) for name in SPATIAL}
-    return {**shapes, "fc7": (fc_dim,)}
-
 
 def demo_store(root: Path, n_videos: int, seed: int = 0) -> FeatureStore:
     """Random ReLU-like features with the c3d-small shapes, 16-32 frames per video."""
     schema = StoreSchema(
         fps=2.0, size=112, min_frames=16, max_frames=128, backbone="c3d-small",
-        weights="random(seed=0)", preprocessing="unit-rgb", clip_length=16, clip_stride=8,
-        layer_shapes=_shapes(C3D_SMALL_LAYER_CHANNELS, C3D_SMALL_FC_DIM),
+        weights=Weights(seed=0), preprocessing="unit-rgb", clip_length=16, clip_stride=8,
+        layer_shapes=BACKBONES["c3d-small"].layer_shapes(),
     )  # fmt: skip
     store = FeatureStore.create_or_open(root, schema)
     rng = np.random.default_rng(seed)
+
+    def make(vid: str) -> tuple[int, dict[str, np.ndarray]]:
+        n_frames = int(rng.choice([16, 24, 32]))
+        lengths = schema.expected_lengths(n_frames)
+        return n_frames, {
+            name: np.maximum(rng.normal(size=schema.full_shape(name, lengths[name])), 0)
+            for name in schema.layer_shapes
+        }
+
     videos = [(f"v{k:04d}", f"/bench/v{k:04d}.mp4") for k in range(n_videos)]
-    for plan in store.plan(videos, partition_size=64):
-        with store.partition_writer(plan.name) as writer:
-            for vid, source in plan.videos:
-                n_frames = int(rng.choice([16, 24, 32]))
-                lengths = schema.expected_lengths(n_frames)
-                features = {
-                    name: np.maximum(rng.normal(size=schema.full_shape(name, lengths[name])), 0)
-                    for name in schema.layer_shapes
-                }
-                info = {
-                    "n_frames": n_frames, "n_sampled": n_frames, "padded": False,
-                    "subsampled": False, "duration": n_frames / 2, "fps": None,
-                    "source_fps": 25.0, "timestamps": np.arange(n_frames) / 2,
-                }  # fmt: skip
-                writer.add(vid, source, features, info)
-            writer.commit()
+    write_videos(store, videos, make, partition_size=64)
     return store
 
 
@@ -114,8 +102,10 @@ def major_speedup(videos: int, captions_per_video: int, repeats: int) -> None:
     channels, fc_dim = C3D_LAYER_CHANNELS, C3D_FC_DIM
     features = FeatureBatch(
         layers={
-            name: torch.relu(torch.randn(videos, channels[name], n_frames // s, *SPATIAL[name]))
-            for name, s in zip(SPATIAL, (2, 4, 8, 16), strict=True)
+            name: torch.relu(
+                torch.randn(videos, channels[name], n_frames // TIME_STRIDES[name], grid, grid)
+            )
+            for name, grid in TAP_GRID.items()
         },
         n_frames=torch.full((videos,), n_frames),
         fc7=torch.relu(torch.randn(videos, fc_dim)),
@@ -164,7 +154,6 @@ def precision_speedup(repeats: int, videos: int = 4, captions_per_video: int = 5
     """fp32 against bf16 autocast, side by side: one optimizer step of the demo's batch
     (``videos`` x ``captions_per_video``, 18 frames a video), small preset, c3d-tiny and
     c3d-small channels. Medians of ``repeats`` interleaved steps after one warm-up each."""
-    from astar.extract.c3d import BACKBONES
     from astar.extract.precision import cpu_has_fast_bf16
 
     print(f"\nfp32 vs bf16 (autocast), {videos} videos x {captions_per_video} captions, N = 18")
@@ -174,8 +163,7 @@ def precision_speedup(repeats: int, videos: int = 4, captions_per_video: int = 5
     print(f"{'backbone':>10} {'variant':>8} {'fp32 s':>8} {'bf16 s':>8} {'speed-up':>9}")
     for backbone in ("c3d-tiny", "c3d-small"):
         spec = BACKBONES[backbone]
-        channels = {"pool2": spec.conv2, "pool3": spec.conv3, "pool4": spec.conv4}
-        channels["pool5"] = spec.conv5
+        channels = spec.tap_channels()
         for variant in ("soft", "hard"):
             torch.manual_seed(0)
             config = CaptionerConfig.small(400, variant, layer_channels=channels, fc_dim=spec.fc)
@@ -183,8 +171,10 @@ def precision_speedup(repeats: int, videos: int = 4, captions_per_video: int = 5
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             features = FeatureBatch(
                 layers={
-                    name: torch.relu(torch.randn(videos, c, 18 // s, *SPATIAL[name]))
-                    for (name, c), s in zip(channels.items(), (2, 4, 8, 16), strict=True)
+                    name: torch.relu(
+                        torch.randn(videos, c, 18 // TIME_STRIDES[name], TAP_GRID[name], TAP_GRID[name])
+                    )
+                    for name, c in channels.items()
                 },
                 n_frames=torch.full((videos,), 18),
                 fc7=torch.relu(torch.randn(videos, spec.fc)),

@@ -19,6 +19,8 @@ TIME_STRIDES = {"pool2": 2, "pool3": 4, "pool4": 8, "pool5": 16}
 CLIP_LENGTH = 16  # frames per fc7 clip
 CLIP_STRIDE = 8  # frames between clip starts ("window of 16 and overlap of 8")
 FRAME_SIZE = 112  # fc6 expects the 4 x 4 pool5 map of a 112 x 112 clip
+# Height = width of each tap's map for FRAME_SIZE frames (pool1..pool4 halve them, pool5 pads).
+TAP_GRID = {"pool2": 28, "pool3": 14, "pool4": 7, "pool5": 4}
 # One 16-frame window: the least that gives one pool5 step and one fc7 clip; shorter videos are
 # padded to it.
 MIN_FRAMES = CLIP_LENGTH
@@ -41,6 +43,13 @@ class C3DSpec:
         widths = (self.conv2, self.conv3, self.conv4, self.conv5)
         return dict(zip(POOL_LAYERS, widths, strict=True))
 
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each stored layer's shape without time: taps (C, H, W), fc7 (fc,)."""
+        taps = {
+            name: (c, TAP_GRID[name], TAP_GRID[name]) for name, c in self.tap_channels().items()
+        }
+        return {**taps, "fc7": (self.fc,)}
+
 
 BACKBONES: dict[str, C3DSpec] = {
     "c3d": C3DSpec(),
@@ -60,6 +69,7 @@ __all__ = [
     "LAYERS",
     "MIN_FRAMES",
     "POOL_LAYERS",
+    "TAP_GRID",
     "TIME_STRIDES",
     "C3DSpec",
 ]

@@ -113,6 +113,8 @@ def tiny_corpus(tmp_path: Path):
     """
     from astar.pipelines.datasets import PrepareConfig, prepare_dataset, read_generic
     from astar.store import FeatureStore, StoreSchema
+    from astar.store.schema import Weights
+    from astar.store.synthetic import write_videos
 
     def _make(n_videos: int = 6, captions: int = 3, seed: int = 0, splits=("train",)):
         root = tmp_path / f"corpus{seed}"
@@ -131,29 +133,23 @@ def tiny_corpus(tmp_path: Path):
 
         schema = StoreSchema(
             fps=2.0, size=112, min_frames=16, max_frames=128, backbone="tiny",
-            weights=f"random(seed={seed})", preprocessing="unit-rgb", clip_length=16,
+            weights=Weights(seed=seed), preprocessing="unit-rgb", clip_length=16,
             clip_stride=8, layer_shapes=TINY_SHAPES, dtype="float32",
         )  # fmt: skip
         store = FeatureStore.create_or_open(root / "store", schema)
+
+        def make(vid: str) -> tuple[int, dict[str, np.ndarray]]:
+            n_frames = 16 + 8 * (int(vid[1:]) % 3)  # 16, 24, 32: variable lengths
+            lengths = schema.expected_lengths(n_frames)
+            return n_frames, {
+                name: np.abs(rng.normal(size=schema.full_shape(name, lengths[name]))).astype(
+                    np.float32
+                )
+                for name in TINY_SHAPES
+            }
+
         videos = [(f"v{k}", str(root / f"v{k}.mp4")) for k in range(n_videos)]
-        for plan in store.plan(videos, partition_size=4):
-            with store.partition_writer(plan.name) as writer:
-                for vid, source in plan.videos:
-                    n_frames = 16 + 8 * (int(vid[1:]) % 3)  # 16, 24, 32: variable lengths
-                    lengths = schema.expected_lengths(n_frames)
-                    features = {
-                        name: np.abs(
-                            rng.normal(size=schema.full_shape(name, lengths[name]))
-                        ).astype(np.float32)
-                        for name in TINY_SHAPES
-                    }
-                    info = {
-                        "n_frames": n_frames, "n_sampled": n_frames, "padded": False,
-                        "subsampled": False, "duration": n_frames / 2.0, "fps": None,
-                        "source_fps": 25.0, "timestamps": np.arange(n_frames) / 2.0,
-                    }  # fmt: skip
-                    writer.add(vid, source, features, info)
-                writer.commit()
+        write_videos(store, videos, make, partition_size=4)
         store.consolidate()
         return root / "store", root / "dataset"
 

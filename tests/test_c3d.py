@@ -541,3 +541,10 @@ def test_einops_layout_of_fc6_input_is_channel_major() -> None:
         expected = torch.relu(model.layer("fc7").weight @ fc6)
     torch.testing.assert_close(out[0], expected)
     assert rearrange(pool5, "n c t h w -> n (c t h w)")[0].argmax() == 5 * 16 + 11
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_the_geometry_layer_shapes_are_the_networks(backbone: str) -> None:
+    """store/geometry.py states each layer's shape; the network computes it: they agree."""
+    extractor = C3DExtractor(backbone, device="cpu")
+    assert extractor.layer_shapes() == BACKBONES[backbone].layer_shapes()

@@ -18,6 +18,7 @@ from astar.evaluate.figures import (
     pool5_cell_span,
     pool5_frame_window,
 )
+from astar.store.geometry import TAP_GRID
 from astar.train.decoding import DecodedCaption, beam_search
 from astar.train.model import ALIGNMENT, Captioner, CaptionerConfig, FeatureBatch
 
@@ -179,7 +180,7 @@ def test_png_of_a_decoded_caption_reads_back(tmp_path) -> None:
         embed_dim=8, attention_dim=8, init_range=0.5,
     )  # fmt: skip
     model = Captioner(config).eval()
-    spatial = {"pool2": 28, "pool3": 14, "pool4": 7, "pool5": 4}
+    spatial = TAP_GRID
     layers = {
         name: torch.rand(1, c, 40 // ALIGNMENT[name].frame_stride, spatial[name], spatial[name])
         for name, c in channels.items()

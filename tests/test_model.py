@@ -6,6 +6,7 @@ import pytest
 import torch
 from einops import rearrange
 
+from astar.store.geometry import TAP_GRID
 from astar.train.model import (
     ALIGNMENT,
     C3D_LAYER_CHANNELS,
@@ -19,7 +20,7 @@ from astar.train.model import (
     FeatureBatch,
 )
 
-SPATIAL = {"pool2": 28, "pool3": 14, "pool4": 7, "pool5": 4}  # 112-pixel frames
+SPATIAL = TAP_GRID  # 112-pixel frames
 TINY_CHANNELS = {"pool2": 3, "pool3": 4, "pool4": 5, "pool5": 6}
 FC_DIM = 7
 
