@@ -24,22 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from astar.store import LAYERS, FeatureStore, StoreSchema, partition
+from astar.store import LAYERS, FeatureStore, partition
 from astar.store.digest import checksum
 from astar.store.geometry import BACKBONES
-from astar.store.schema import Weights
-from astar.store.synthetic import write_videos
+from astar.store.synthetic import synthetic_schema, write_videos
 
 PAPER_SHAPES = BACKBONES["c3d"].layer_shapes()  # C3D on 112 x 112 frames, without time
 
 
 def build_store(root: Path, n_videos: int, partition_size: int, seed: int = 0) -> FeatureStore:
     """A store of ``n_videos`` random videos of 32-128 frames with the paper's shapes."""
-    schema = StoreSchema(
-        fps=2.0, size=112, min_frames=16, max_frames=128, backbone="c3d",
-        weights=Weights(seed=0), preprocessing="caffe-bgr-mean", clip_length=16, clip_stride=8,
-        layer_shapes=PAPER_SHAPES, dtype="float16",
-    )  # fmt: skip
+    schema = synthetic_schema(
+        PAPER_SHAPES, backbone="c3d", preprocessing="caffe-bgr-mean", dtype="float16"
+    )
     store = FeatureStore.create_or_open(root, schema)
     rng = np.random.default_rng(seed)
 

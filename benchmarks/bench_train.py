@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from astar.store import FeatureStore, StoreSchema
+from astar.store import FeatureStore
 from astar.store.geometry import BACKBONES, TAP_GRID, TIME_STRIDES
-from astar.store.schema import Weights
-from astar.store.synthetic import write_videos
+from astar.store.synthetic import synthetic_schema, write_videos
 from astar.train.data import BatchLoader, FeatureSource, VideoMajorSampler
 from astar.train.model import (
     C3D_FC_DIM,
@@ -42,11 +41,9 @@ from astar.train.model import (
 
 def demo_store(root: Path, n_videos: int, seed: int = 0) -> FeatureStore:
     """Random ReLU-like features with the c3d-small shapes, 16-32 frames per video."""
-    schema = StoreSchema(
-        fps=2.0, size=112, min_frames=16, max_frames=128, backbone="c3d-small",
-        weights=Weights(seed=0), preprocessing="unit-rgb", clip_length=16, clip_stride=8,
-        layer_shapes=BACKBONES["c3d-small"].layer_shapes(),
-    )  # fmt: skip
+    schema = synthetic_schema(
+        BACKBONES["c3d-small"].layer_shapes(), backbone="c3d-small", preprocessing="unit-rgb"
+    )
     store = FeatureStore.create_or_open(root, schema)
     rng = np.random.default_rng(seed)
 
@@ -172,7 +169,9 @@ def precision_speedup(repeats: int, videos: int = 4, captions_per_video: int = 5
             features = FeatureBatch(
                 layers={
                     name: torch.relu(
-                        torch.randn(videos, c, 18 // TIME_STRIDES[name], TAP_GRID[name], TAP_GRID[name])
+                        torch.randn(
+                            videos, c, 18 // TIME_STRIDES[name], TAP_GRID[name], TAP_GRID[name]
+                        )
                     )
                     for name, c in channels.items()
                 },

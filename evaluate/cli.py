@@ -101,6 +101,7 @@ def score_captions_command(
 ) -> None:  # fmt: skip
     """Score any system's PREDICTIONS (JSON {video id: caption}) against a dataset split."""
     from astar.evaluate.evaluation import split_references, write_json
+    from astar.pipelines.datasets import Dataset
     from astar.pipelines.metrics import score_captions
 
     try:
@@ -111,7 +112,7 @@ def score_captions_command(
         raise click.ClickException(f"{predictions}: expected a JSON object {{video id: caption}}")
     try:
         scores = score_captions(
-            loaded, split_references(dataset, split), allow_missing=allow_missing
+            loaded, split_references(Dataset.load(dataset), split), allow_missing=allow_missing
         )
     except _user_errors() as error:
         raise click.ClickException(str(error)) from error

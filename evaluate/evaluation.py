@@ -65,13 +65,11 @@ def write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def split_references(dataset_dir: Path, split: str) -> dict[str, list[str]]:
-    """The reference captions of ``split``, by video; an empty split is an error."""
-    from astar.pipelines.datasets import Dataset
-
-    references = Dataset.load(dataset_dir).captions_by_video(split)
+def split_references(dataset, split: str) -> dict[str, list[str]]:
+    """The reference captions of ``split`` of a Dataset, by video; an empty split is an error."""
+    references = dataset.captions_by_video(split)
     if not references:
-        raise EvaluationError(f"{dataset_dir}: the {split} split has no captions")
+        raise EvaluationError(f"{dataset.root}: the {split} split has no captions")
     return references
 
 
@@ -82,12 +80,14 @@ def evaluate_checkpoint(config: EvaluationConfig, say: Callable[[str], None] = l
     picture). Nothing is written before the captions are scored.
     """
     from astar.evaluate.inference import caption_store, load_trained
+    from astar.pipelines.datasets import Dataset
     from astar.pipelines.metrics import check_java, score_captions
     from astar.store import FeatureStore
 
     check_java()
     trained = load_trained(config.checkpoint, config.device)
-    references = split_references(config.dataset, config.split)
+    dataset = Dataset.load(config.dataset)
+    references = split_references(dataset, config.split)
     features = FeatureStore.open(config.store)
     without = sorted(v for v in references if v not in features)
     if without and not config.allow_missing:
@@ -132,9 +132,8 @@ def evaluate_checkpoint(config: EvaluationConfig, say: Callable[[str], None] = l
     (out / "metrics.md").write_text(markdown_table([row]))
     if config.figures:
         from astar.evaluate.figures import split_figures
-        from astar.pipelines.datasets import Dataset
 
-        paths = Dataset.load(config.dataset).videos.set_index("id")["path"].to_dict()
+        paths = dataset.videos.set_index("id")["path"].to_dict()
         shown = {vid: decoded[vid] for vid in ids[: config.figures]}
         split_figures(trained, paths, shown, out / "figures", say)
     return row

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from astar.extract.precision import resolve_device
 from astar.pipelines.vocab import Vocabulary
 from astar.store import FeatureStore, StoreSchema, VideoFeatures
 from astar.train.checkpoint import CheckpointError, load_checkpoint
@@ -70,7 +70,7 @@ class TrainedCaptioner:
 
 def load_trained(path: str | Path, device: str | None = None) -> TrainedCaptioner:
     path = Path(path)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device)
     payload = load_checkpoint(path, map_location=target)
     missing = [
         k for k in ("model_config", "vocabulary", "store_schema", "model") if k not in payload

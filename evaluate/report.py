@@ -240,15 +240,8 @@ def build_report(
 
 def markdown_table(rows: list[dict]) -> str:
     """Rows of {"name", and the TABLE_METRICS} -> the paper-style Markdown table."""
-    lines = ["| model | " + " | ".join(TABLE_HEADER) + " |", "|---" * (len(TABLE_HEADER) + 1) + "|"]
-    for row in rows:
-        values = [row.get(metric) for metric in TABLE_METRICS]
-        cells = [
-            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
-            for v in values
-        ]
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = ([row["name"], *(_cell(row.get(m)) for m in TABLE_METRICS)] for row in rows)
+    return "\n".join(_table(("model", *TABLE_HEADER), cells)) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

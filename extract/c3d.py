@@ -239,12 +239,12 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_state_dict_file(path: str | Path) -> tuple[dict[str, Tensor], str]:
+def load_state_dict_file(path: str | Path) -> tuple[dict[str, Tensor], Weights]:
     """Read a state dict from ``.pickle``/``.pkl``/``.pt``/``.pth`` or ``.safetensors``.
 
     Pickles are read with ``weights_only=True``: one that would build anything but tensors and
     plain containers is refused before any of its code runs. Returns the state dict (on the CPU)
-    and ``"sha256:<hex>"`` of the file.
+    and the file's provenance (its SHA-256).
     """
     path = Path(path)
     if not path.is_file():
@@ -255,7 +255,7 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, Tensor], str]:
             f"{path}: unknown weights format {suffix!r}; expected one of "
             f"{', '.join((*PICKLE_SUFFIXES, SAFETENSORS_SUFFIX))}"
         )
-    digest = f"sha256:{file_sha256(path)}"
+    digest = Weights(sha256=file_sha256(path))
     if suffix == SAFETENSORS_SUFFIX:
         try:
             state = safetensors.torch.load_file(path, device="cpu")
@@ -329,7 +329,7 @@ def build_c3d(
     state, digest = load_state_dict_file(weights)
     check_state_dict(state, model, str(weights))
     model.load_state_dict(state, strict=False)  # checked above; fc8 may be absent
-    return model.eval(), Weights(sha256=digest.removeprefix("sha256:"))
+    return model.eval(), digest
 
 
 # --------------------------------------------------------------------------------------------

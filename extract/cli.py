@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from astar.extract.c3d import BACKBONES
 from astar.extract.decode import DecodeConfig
 from astar.extract.runner import ExtractConfig, InputError, extract_features
 from astar.store.files import no_space_report
-from astar.store.geometry import FRAME_SIZE, MIN_FRAMES
+from astar.store.geometry import BACKBONES, MIN_FRAMES
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -128,7 +127,6 @@ def main(
     config = ExtractConfig(
         decode=DecodeConfig(
             fps=fps,
-            size=FRAME_SIZE,  # C3D's fc6 takes the 4 x 4 pool5 grid of 112 x 112 frames
             min_frames=min_frames,
             max_frames=max_frames or None,
             timeout_s=timeout,

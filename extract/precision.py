@@ -1,7 +1,10 @@
-"""Which numeric precision a network runs at on this machine: fp32, or bf16 where it is native.
+"""Where a network runs and whether bf16 is native there: one answer for C3D and the captioner.
 
-C3D extraction and captioner training share the rule, so precision ``auto`` means the same for
-both: bf16 on a CUDA device or a CPU with native bf16 (AVX-512 BF16 or AMX), else fp32.
+``resolve_device`` is the default device of every command (CUDA when there is one).
+``cpu_has_fast_bf16`` is what C3D extraction asks before running bf16 on a CPU (it warns when
+bf16 would be emulated) and what training's precision ``auto`` resolves by
+(``astar.train.loop.resolve_precision``: bf16 on a CUDA device that has it or a CPU with native
+bf16, AVX-512 BF16 or AMX, else fp32).
 """
 
 from __future__ import annotations

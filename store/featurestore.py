@@ -261,23 +261,26 @@ class FeatureStore:
         return sum(int((part.table["status"] == OK).sum()) for part in self._opened())
 
     def __contains__(self, video_id: object) -> bool:
-        found = self._lookup().get(video_id)  # type: ignore[call-overload]
-        if found is None and isinstance(video_id, str):
-            found = self._lookup().get(video_id.strip())
+        found = self._find(video_id)
         return found is not None and found[0].table["status"].iat[found[1]] == OK
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.ids)
 
+    def _find(self, video_id: object) -> tuple[PartitionReader, int] | None:
+        """Where ``video_id`` is listed, if anywhere. Video lists and datasets drop the spaces
+        around an id, as a CSV typed by hand has them: " v1 " is v1 everywhere, here too."""
+        lookup = self._lookup()
+        found = lookup.get(video_id)  # type: ignore[call-overload]
+        if found is None and isinstance(video_id, str):
+            found = lookup.get(video_id.strip())
+        return found
+
     def _locate(self, video_id: str) -> tuple[PartitionReader, int]:
-        found = self._lookup().get(video_id)
+        found = self._find(video_id)
         if found is None:
             self.refresh()  # completed by another process since?
-            found = self._lookup().get(video_id)
-        if found is None and isinstance(video_id, str) and video_id != video_id.strip():
-            # Video lists and datasets drop the spaces around an id, as a CSV typed by hand
-            # has them: " v1 " is v1 everywhere, here too.
-            found = self._lookup().get(video_id.strip())
+            found = self._find(video_id)
         if found is None:
             raise VideoNotFound(self._missing_message(video_id))
         part, row = found
@@ -342,10 +345,7 @@ class FeatureStore:
                     arrays[position][layer] = array  # type: ignore[assignment]  # None if lost
         if damaged:
             raise CorruptVideo(
-                {
-                    video_id: f"partition {name}, " + damage_text(wrong)
-                    for (video_id, name), wrong in damaged.items()
-                },
+                {video_id: damage_text(name, wrong) for (video_id, name), wrong in damaged.items()},
                 str(self.path),
             )
         return [

@@ -22,17 +22,25 @@ from astar.store.chunkstore import chunk_key, open_array
 from astar.store.digest import checksum
 from astar.store.errors import MissingChunk, StoreError
 from astar.store.geometry import LAYERS
-from astar.store.manifest import parse_timestamps, read_manifest
+from astar.store.manifest import SPAN_NAMES, parse_timestamps, read_manifest
 from astar.store.schema import time_axis
 
-SPANNED = ("timestamps", *LAYERS)  # arrays holding one span per ok video
 # Threads hashing the videos of a read (hashlib releases the GIL). bench_store_read.py on 2
 # cores, batches of 8 paper-size videos: verification costs 7.3-7.5 ms a video on one thread,
 # 3.1-4.3 on two while the cores are free (the same as one thread while other work keeps them
 # busy). A single video gains nothing: each layer is one array, hashed where it is read.
 HASH_THREADS = min(4, os.cpu_count() or 1)
-_hashers: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+_hashers: ThreadPoolExecutor | None = None  # made on first use
 _hashers_lock = threading.Lock()
+
+
+def _forget_hashers() -> None:
+    """In a forked child: the parent's threads did not come along, nor may its lock's state."""
+    global _hashers, _hashers_lock
+    _hashers, _hashers_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hashers)
 
 
 def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
@@ -53,10 +61,10 @@ class PartitionReader:
         self.table = read_manifest(path / "manifest.csv")
         self.rows = {video_id: row for row, video_id in enumerate(self.table["id"])}
         self.offsets = {
-            name: self.table[f"{name}_offset"].to_numpy(np.int64) for name in SPANNED
+            name: self.table[f"{name}_offset"].to_numpy(np.int64) for name in SPAN_NAMES
         }  # array -> (videos,)
         self.lengths = {
-            name: self.table[f"{name}_length"].to_numpy(np.int64) for name in SPANNED
+            name: self.table[f"{name}_length"].to_numpy(np.int64) for name in SPAN_NAMES
         }  # array -> (videos,)
         self.sha256 = {
             layer: self.table[f"{layer}_sha256"].to_numpy(object) for layer in LAYERS
@@ -105,8 +113,10 @@ class PartitionReader:
             expected = self.sha256[layer][list(rows)]  # (n,)
             read = [k for k, data in enumerate(results) if data is not None]
             for k, digest in zip(read, checksums([results[k] for k in read]), strict=True):
-                if digest != expected[k]:
-                    results[k], damaged[k] = None, "checksum mismatch"
+                if digest != expected[k]:  # the writer refuses non-finite values: say which
+                    finite = np.isfinite(results[k]).all()
+                    results[k] = None
+                    damaged[k] = "checksum mismatch" if finite else "NaN or inf values"
         return results, damaged
 
     def read_spans(
@@ -153,13 +163,12 @@ def checksums(arrays: Sequence[np.ndarray]) -> list[str]:
 
 
 def _hash_pool() -> ThreadPoolExecutor:
-    """The process's hashing threads; made anew in a forked child (threads do not survive)."""
+    """The process's hashing threads (a forked child makes its own: see _forget_hashers)."""
     global _hashers
     with _hashers_lock:
-        if _hashers is None or _hashers[0] != os.getpid():
-            pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="astar-sha256")
-            _hashers = (os.getpid(), pool)
-        return _hashers[1]
+        if _hashers is None:
+            _hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="astar-sha256")
+        return _hashers
 
 
 def _read_block(
@@ -212,6 +221,7 @@ def chunk_groups(starts: np.ndarray, stops: np.ndarray, chunk: int) -> list[list
     return groups
 
 
-def damage_text(wrong: dict[str, str]) -> str:
-    """What is wrong with one video, array by array: ``pool3: chunk c.0.1.0.0 missing; ...``."""
-    return "; ".join(f"{name}: {why}" for name, why in wrong.items())
+def damage_text(partition: str, wrong: dict[str, str]) -> str:
+    """What is wrong with one video, array by array:
+    ``partition p00001, pool3: chunk c.0.1.0.0 missing; ...``."""
+    return f"partition {partition}, " + "; ".join(f"{name}: {why}" for name, why in wrong.items())

@@ -7,11 +7,25 @@ every frame had been sampled at the schema's rate without padding or subsampling
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from astar.store.featurestore import FeatureStore
+from astar.store.geometry import CLIP_LENGTH, CLIP_STRIDE, FRAME_SIZE, MIN_FRAMES
+from astar.store.schema import StoreSchema, Weights
+
+
+def synthetic_schema(layer_shapes: Mapping[str, tuple[int, ...]], **fields: Any) -> StoreSchema:
+    """The schema of a made-up store: C3D's geometry at 2 fps, frames capped at 128, a random
+    init of seed 0, float32; ``fields`` override any of it (backbone, dtype, weights, ...)."""
+    defaults = {
+        "fps": 2.0, "size": FRAME_SIZE, "min_frames": MIN_FRAMES, "max_frames": 128,
+        "backbone": "c3d-test", "weights": Weights(seed=0), "preprocessing": "none",
+        "clip_length": CLIP_LENGTH, "clip_stride": CLIP_STRIDE, "dtype": "float32",
+    }  # fmt: skip
+    return StoreSchema(layer_shapes=dict(layer_shapes), **{**defaults, **fields})
 
 
 def plain_info(n_frames: int, fps: float, source_fps: float = 25.0) -> dict:
@@ -40,4 +54,4 @@ def write_videos(
             writer.commit()
 
 
-__all__ = ["plain_info", "write_videos"]
+__all__ = ["plain_info", "synthetic_schema", "write_videos"]

@@ -38,7 +38,7 @@ from astar.store.digest import checksum
 from astar.store.errors import InvalidFeatures, StoreError
 from astar.store.files import TEMP_PREFIX, FileLock, atomic_write, fsync_dir, fsync_tree
 from astar.store.geometry import LAYERS
-from astar.store.manifest import INFO_KEYS, MISSING, OK, write_manifest
+from astar.store.manifest import INFO_KEYS, MISSING, OK, SPAN_NAMES, write_manifest
 from astar.store.plan import PartitionPlan, normalize_source
 from astar.store.schema import StoreSchema, time_axis
 
@@ -347,7 +347,7 @@ class PartitionWriter:
         """Manifest rows with each video's offsets in the concatenated arrays."""
         table = pd.DataFrame.from_records(records)
         table["partition"] = self.name
-        for name in ("timestamps", *LAYERS):
+        for name in SPAN_NAMES:
             lengths = table[f"{name}_length"].to_numpy(dtype=np.int64)  # (videos,)
             offsets = np.cumsum(lengths) - lengths  # (videos,)
             ok = (table["status"] == OK).to_numpy()

@@ -112,9 +112,9 @@ def tiny_corpus(tmp_path: Path):
     random but fixed per video; channel counts are tiny so training tests run in seconds.
     """
     from astar.pipelines.datasets import PrepareConfig, prepare_dataset, read_generic
-    from astar.store import FeatureStore, StoreSchema
+    from astar.store import FeatureStore
     from astar.store.schema import Weights
-    from astar.store.synthetic import write_videos
+    from astar.store.synthetic import synthetic_schema, write_videos
 
     def _make(n_videos: int = 6, captions: int = 3, seed: int = 0, splits=("train",)):
         root = tmp_path / f"corpus{seed}"
@@ -131,11 +131,9 @@ def tiny_corpus(tmp_path: Path):
         dataset = prepare_dataset(read_generic(root / "captions.csv"), PrepareConfig())
         dataset.save(root / "dataset")
 
-        schema = StoreSchema(
-            fps=2.0, size=112, min_frames=16, max_frames=128, backbone="tiny",
-            weights=Weights(seed=seed), preprocessing="unit-rgb", clip_length=16,
-            clip_stride=8, layer_shapes=TINY_SHAPES, dtype="float32",
-        )  # fmt: skip
+        schema = synthetic_schema(
+            TINY_SHAPES, backbone="tiny", weights=Weights(seed=seed), preprocessing="unit-rgb"
+        )
         store = FeatureStore.create_or_open(root / "store", schema)
 
         def make(vid: str) -> tuple[int, dict[str, np.ndarray]]:

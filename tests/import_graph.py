@@ -50,8 +50,13 @@ def imports_of(module: str) -> frozenset[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("astar."))
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if not node.module.startswith("astar."):
+        elif isinstance(node, ast.ImportFrom):
+            if node.level > 0:  # the package imports absolutely; a relative one goes unseen
+                raise ValueError(f"{path}:{node.lineno}: relative import; write astar.<folder>...")
+            if node.module == "astar":  # from astar import store
+                found.update(f"astar.{alias.name}" for alias in node.names)
+                continue
+            if not (node.module or "").startswith("astar."):
                 continue
             found.add(node.module)
             for alias in node.names:

@@ -323,7 +323,7 @@ def test_load_state_dict_file_round_trip_and_sha256(tmp_path: Path, suffix: str)
     state = {"conv1.weight": torch.randn(4, 3, 3, 3, 3), "conv1.bias": torch.randn(4)}
     path = _save(state, tmp_path / f"w{suffix}")
     loaded, digest = load_state_dict_file(path)
-    assert digest == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == Weights(sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[key], state[key]) for key in state)
 

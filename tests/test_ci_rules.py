@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import conftest
 import pytest
-
-from tests import conftest
 
 
 def _set_ci(monkeypatch, value: str | None) -> None:

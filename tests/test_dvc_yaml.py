@@ -84,10 +84,58 @@ def _covers(dep: Path, path: Path) -> bool:
     return dep == path or dep in path.parents
 
 
+def _py_files(path: Path) -> set[Path]:
+    """The .py files at or under ``path`` (relative to the repository)."""
+    if (ROOT / path).is_file():
+        return {path} if path.suffix == ".py" else set()
+    return {p.relative_to(ROOT) for p in (ROOT / path).rglob("*.py")}
+
+
+def _coarsest(folder: Path, touched: set[Path]) -> list[str]:
+    """The fewest paths under ``folder`` that cover exactly the files of it in ``touched``: the
+    folder itself when every .py file under it is touched, else its touched files and the
+    coarsest cover of each subfolder, sorted by name."""
+    files = _py_files(folder)
+    if not files & touched:
+        return []
+    if files <= touched:
+        return [folder.as_posix()]
+    found = []
+    for entry in sorted((ROOT / folder).iterdir(), key=lambda entry: entry.name):
+        path = entry.relative_to(ROOT)
+        if entry.is_dir():
+            found += _coarsest(path, touched)
+        elif path in touched:
+            found.append(path.as_posix())
+    return found
+
+
+def _imported_files(module: str) -> set[Path]:
+    return {path.relative_to(ROOT) for path in files_of(closure(module))}
+
+
+def code_deps(module: str) -> list[str]:
+    """A command's code deps, as dvc.yaml lists them: exactly the files its module imports
+    (transitively), a whole folder (or subfolder) where it imports every .py file of it; in layer
+    order (FOLDERS), sorted by name within a folder."""
+    touched = _imported_files(module)
+    return [dep for folder in FOLDERS for dep in _coarsest(Path(folder), touched)]
+
+
+def _paste(stage: str, deps: Iterable[str]) -> str:
+    """The YAML lines of a stage's code deps, indented as in dvc.yaml, to paste there."""
+    lines = "".join(f"\n      - {dep}" for dep in deps)
+    head = f"{stage}: its code deps should be, in place of the listed ones (after its data deps):"
+    return head + lines
+
+
 def _code_dep_problems(stage: str, cmd: str, deps: Iterable[str]) -> list[str]:
     """What is wrong with a stage's code deps (those under a package folder): a listed path
     that does not exist, a module its command imports (transitively) that no dep covers, a
-    listed path that none of those modules lies in. Data deps and params are not looked at."""
+    listed path that none of those modules lies in, a listed folder holding a .py file the command
+    does not import, and a list that covers the right files but is not ``code_deps`` (a folder
+    listed file by file, another order, a path twice). If any, the last entry is the YAML lines
+    to paste in their place. Data deps and params are not looked at."""
     script = shlex.split(cmd)[0]
     module = _console_scripts().get(script)
     if module is None:
@@ -96,16 +144,28 @@ def _code_dep_problems(stage: str, cmd: str, deps: Iterable[str]) -> list[str]:
     problems = [
         f"{stage}: lists {dep}, which does not exist" for dep in code if not (ROOT / dep).exists()
     ]
-    touched = {path.relative_to(ROOT) for path in files_of(closure(module))}
+    touched = _imported_files(module)
     for path in sorted(touched):
         if not any(_covers(dep, path) for dep in code):
-            problems.append(
-                f"{stage}: {script} ({module}) imports {path} and no dep covers it: "
-                f"add the folder {path.parts[0]}"
-            )
+            problems.append(f"{stage}: {script} ({module}) imports {path} and no dep covers it")
     for dep in code:
-        if (ROOT / dep).exists() and not any(_covers(dep, path) for path in touched):
+        if not (ROOT / dep).exists():
+            continue
+        if not any(_covers(dep, path) for path in touched):
             problems.append(f"{stage}: lists {dep}, which {script} does not import")
+        elif unimported := sorted(_py_files(dep) - touched):
+            problems.append(
+                f"{stage}: lists {dep}, which holds "
+                f"{', '.join(str(path) for path in unimported)} that {script} does not import"
+            )
+    expected = code_deps(module)
+    if not problems and [dep.as_posix() for dep in code] != expected:
+        problems.append(
+            f"{stage}: its code deps cover the right files, but not as code_deps lists them "
+            "(a folder whose every file is imported, layer order, sorted, once each)"
+        )
+    if problems:
+        problems.append(_paste(stage, expected))
     return problems
 
 
@@ -115,30 +175,77 @@ def stages(tmp_path_factory) -> dict:
 
 
 def test_every_stage_depends_on_exactly_the_code_its_command_imports(stages):
-    problems = []
+    """Each stage's code deps are code_deps of its command: a stale list, a missing or an extra
+    file and a folder with a file the command does not import all fail, and the message gives the
+    lines to paste into dvc.yaml (once for a matrix's stages, under the name dvc.yaml gives)."""
+    problems = {}
     for name, stage in stages.items():
-        problems += _code_dep_problems(name, stage.cmd, [dep.def_path for dep in stage.deps])
+        deps = [dep.def_path for dep in stage.deps]
+        problems.update(dict.fromkeys(_code_dep_problems(name.split("@")[0], stage.cmd, deps)))
+    if problems:  # also on stdout, where pytest shows it verbatim (no "E" before each line)
+        print("\n".join(problems))
     assert not problems, "\n".join(problems)
 
 
-def test_code_deps_are_whole_package_folders(stages):
-    """A folder cannot drift as files move inside it; the check above would catch a file list
-    going stale, but only after it had."""
-    for name, stage in stages.items():
-        code = [dep.def_path for dep in stage.deps if Path(dep.def_path).parts[0] in FOLDERS]
-        assert code and all(dep in FOLDERS for dep in code), (name, code)
-        assert code == sorted(code, key=FOLDERS.index), f"{name}: list them in layer order"
+def test_code_deps_are_the_coarsest_exact_cover():
+    prepare = code_deps(_console_scripts()["prepare-dataset"])
+    # prepare-dataset imports all of pipelines/datasets, not pipelines/metrics.py: the subfolder
+    # is one dep, the rest of pipelines file by file
+    assert "pipelines/datasets" in prepare and "pipelines" not in prepare
+    assert not any(dep.startswith("pipelines/datasets/") for dep in prepare)
+    assert "pipelines/metrics.py" not in prepare
+    for script, module in _console_scripts().items():
+        deps, touched = code_deps(module), _imported_files(module)
+        assert deps, script
+        covered = set().union(*(_py_files(Path(dep)) for dep in deps))
+        assert covered == touched, script  # exactly the closure
+        for dep in deps:  # and coarsest: no listed path's folder could stand for it
+            parent = Path(dep).parent
+            assert parent == Path(".") or not _py_files(parent) <= touched, (script, dep)
+        assert deps == sorted(
+            deps, key=lambda dep: (FOLDERS.index(Path(dep).parts[0]), Path(dep).parts)
+        ), script  # layer order, then by name
 
 
 def test_the_code_dep_check_catches_a_missing_an_absent_and_an_extra_dep(stages):
     prepare = stages["prepare"]
-    touched = {folder_of(module) for module in closure(_console_scripts()["prepare-dataset"])}
+    prepare_module = _console_scripts()["prepare-dataset"]
+    touched = {folder_of(module) for module in closure(prepare_module)}
     assert touched == {"pipelines"}  # prepare-dataset imports nothing above its own folder
-    deps = ["data/raw/demo", "pipelines/datasets.py", "evaluate"]
-    problems = _code_dep_problems("prepare", prepare.cmd, deps)
-    assert "prepare: lists pipelines/datasets.py, which does not exist" in problems
-    assert "prepare: lists evaluate, which prepare-dataset does not import" in problems
-    assert any("imports pipelines/cli.py and no dep covers it" in p for p in problems)
+    canonical = code_deps(prepare_module)
+    assert _code_dep_problems("prepare", prepare.cmd, ["data/raw/demo", *canonical]) == []
+
+    def problems_of(*code: str) -> list[str]:
+        found = _code_dep_problems("prepare", prepare.cmd, ["data/raw/demo", *code])
+        assert found[-1] == _paste("prepare", canonical)  # the lines to paste
+        return found[:-1]
+
+    missing = [dep for dep in canonical if dep != "pipelines/cli.py"]
+    assert problems_of(*missing) == [
+        "prepare: prepare-dataset (astar.pipelines.cli) imports pipelines/cli.py "
+        "and no dep covers it"
+    ]
+    problems = problems_of(*canonical, "pipelines/datasets.py", "pipelines/metrics.py", "evaluate")
+    assert problems == [
+        "prepare: lists pipelines/datasets.py, which does not exist",
+        "prepare: lists pipelines/metrics.py, which prepare-dataset does not import",
+        "prepare: lists evaluate, which prepare-dataset does not import",
+    ]
+    unimported = sorted(_py_files(Path("pipelines")) - _imported_files(prepare_module))
+    assert Path("pipelines/metrics.py") in unimported  # prepare-dataset scores no captions
+    assert problems_of("pipelines") == [  # the whole folder: over-broad
+        f"prepare: lists pipelines, which holds {', '.join(map(str, unimported))} "
+        "that prepare-dataset does not import"
+    ]
+    datasets = sorted(str(path) for path in _py_files(Path("pipelines/datasets")))
+    file_by_file = [
+        f for dep in canonical for f in (datasets if dep == "pipelines/datasets" else [dep])
+    ]
+    for right_files in (file_by_file, canonical[::-1], [*canonical, canonical[0]]):
+        assert problems_of(*right_files) == [
+            "prepare: its code deps cover the right files, but not as code_deps lists them "
+            "(a folder whose every file is imported, layer order, sorted, once each)"
+        ]
     assert _code_dep_problems("x", "no-such-command --out y", []) == [
         "x: runs no-such-command, which is not a console script of setup.cfg"
     ]

@@ -46,8 +46,7 @@ def trained(tmp_path_factory):
     channels, fc_dim = store_layers(store)
     model = CaptionerConfig.small(len(dataset.vocabulary), "pool4", channels, fc_dim, dropout=0.0)
     data = CaptionData(
-        dataset.vocabulary.to_dict(), dataset.encoded_captions("train"), {},
-        dataset.vocabulary.decode,
+        dataset.vocabulary.to_dict(), dataset.encoded_captions("train")
     )  # fmt: skip
     Trainer(store, data, model, TrainConfig(max_epochs=3), root / "run").run()
     return root

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_train import _params
 
 from astar.train.cli import main as train_cli
-from tests.test_train import _params
 
 STEPS = 5
 # At the paper's learning rate (2e-4) five steps leave the tiny model near its uniform output:

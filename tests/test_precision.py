@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model import SPATIAL, collate, tiny_config, video
 from torch import nn
 
 from astar.extract.precision import cpu_has_fast_bf16
 from astar.train.model import ALIGNMENT, Captioner, FeatureBatch, conv3d_exact, padded_conv3d
-from tests.test_model import SPATIAL, collate, tiny_config, video
 
 CONV_TOLERANCE = 2e-2  # one conv: measured 2.8e-3 .. 3.0e-3 on AVX-512 BF16
 MODEL_TOLERANCE = 3e-2  # all of a model's gradients together

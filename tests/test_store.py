@@ -34,6 +34,7 @@ from astar.store import (
 from astar.store.cli import main as inspect_cli
 from astar.store.files import LockOwner
 from astar.store.partition import chunk_groups
+from astar.store.synthetic import synthetic_schema
 from astar.store.writer import COMMIT_DIR
 
 # Tiny layers: the store's logic does not depend on the sizes, only the schema does.
@@ -47,20 +48,7 @@ SHAPES = {
 
 
 def make_schema(dtype: str = "float32", **changes) -> StoreSchema:
-    schema = StoreSchema(
-        fps=2.0,
-        size=112,
-        min_frames=16,
-        max_frames=128,
-        backbone="c3d-test",
-        weights="random(seed=0)",
-        preprocessing="none",
-        clip_length=16,
-        clip_stride=8,
-        layer_shapes=SHAPES,
-        dtype=dtype,
-    )
-    return replace(schema, **changes)
+    return replace(synthetic_schema(SHAPES, dtype=dtype), **changes)
 
 
 def make_video(schema: StoreSchema, n_frames: int, seed: int) -> tuple[dict, dict]:

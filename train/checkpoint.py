@@ -9,6 +9,7 @@ optimizer, the position in the data and every random state. It is loaded with
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -96,10 +97,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for a damaged or foreign file
+    except pickle.UnpicklingError as error:  # a global weights_only does not allow: code
         raise CheckpointError(
             f"{path}: not a readable astar checkpoint (refused: {unpickler_reason(error)})"
         ) from error
+    except Exception as error:  # torch raises several types for a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable astar checkpoint: {error}") from error
     if not isinstance(payload, dict) or "checkpoint_version" not in payload:
         raise CheckpointError(f"{path}: not an astar checkpoint (no checkpoint_version)")
     if payload["checkpoint_version"] > CHECKPOINT_VERSION:

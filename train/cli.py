@@ -16,8 +16,6 @@ from astar.train.loop import TrainConfig, TrainingError
 from astar.train.model import VARIANTS, CaptionerConfig
 from astar.train.params import FieldType, read_params, read_section
 
-log = logging.getLogger(__name__)
-
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(

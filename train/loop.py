@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from astar.extract.precision import cpu_has_fast_bf16, resolve_device
 from astar.store import FeatureStore
 from astar.store.errors import PartitionLocked, StoreError
 from astar.store.files import FileLock, atomic_write_text
-from astar.store.schema import Weights
+from astar.store.schema import StoreSchema
 from astar.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -93,8 +94,6 @@ class CaptionData:
 
     vocabulary: dict[str, Any]  # Vocabulary.to_dict(), stored in checkpoints
     train: dict[str, list[list[int]]]  # video id -> encoded captions (each ends with eos)
-    val_references: dict[str, list[str]]  # video id -> reference captions (raw text)
-    decode: Callable[[list[int]], str]  # word ids -> text
 
 
 @dataclass
@@ -142,28 +141,18 @@ def store_layers(store: FeatureStore) -> tuple[dict[str, int], int]:
     return channels, int(shapes["fc7"][0])
 
 
-def _weights_text(value: Any) -> Any:
-    try:
-        return str(Weights.parse(value))
-    except StoreError:
-        return value
-
-
 def compatibility_problems(
     payload: dict[str, Any], store: FeatureStore, vocabulary: dict
 ) -> list[str]:
-    """What differs between a checkpoint and the store/vocabulary it is used with."""
-    problems = []
-    saved = dict(payload.get("store_schema", {}))
-    current = store.schema.to_dict()
-    with contextlib.suppress(StoreError):  # older checkpoints hold the weights' string form
-        saved["weights"] = asdict(Weights.parse(saved.get("weights")))
-    for key in ("backbone", "weights", "fps", "size", "layer_shapes", "preprocessing", "dtype"):
-        mine, theirs = saved.get(key), current.get(key)
-        if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
-            if key == "weights":  # in their short form, random(seed=S) or sha256:<hex>
-                mine, theirs = (_weights_text(value) for value in (mine, theirs))
-            problems.append(f"store {key}: checkpoint has {mine!r}, store has {theirs!r}")
+    """What differs between a checkpoint and the store/vocabulary it is used with: every
+    schema field but the package versions (StoreSchema.differences), and the vocabulary."""
+    try:
+        saved = StoreSchema.from_dict(payload.get("store_schema", {}))
+    except StoreError as error:
+        problems = [f"the checkpoint's store schema is unreadable ({error})"]
+    else:
+        differences = saved.differences(store.schema, "in the checkpoint", "in the store")
+        problems = [f"store {difference}" for difference in differences]
     if payload.get("vocabulary") != vocabulary:
         problems.append("the vocabulary differs from the dataset's")
     return problems
@@ -183,8 +172,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise TrainingError(f"precision must be fp32, bf16 or auto, not {precision!r}")
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from astar.extract.precision import cpu_has_fast_bf16
-
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
@@ -222,9 +209,7 @@ class Trainer:
         self.store, self.data, self.config = store, data, config
         self.out = Path(out)
         self.rank, self.world_size = _distributed()
-        self.device = torch.device(
-            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = resolve_device(config.device)
         missing = sorted(set(data.train) - set(store.ids))
         if missing:
             raise TrainingError(

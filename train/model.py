@@ -690,7 +690,8 @@ class Captioner(nn.Module):
         shortest, longest = (int(x) for x in torch.aminmax(features.n_frames))
         if shortest < MIN_FRAMES:
             raise CaptionerInputError(
-                f"a video has n_frames {shortest} < {MIN_FRAMES}: C3D input is padded to 16 frames"
+                f"a video has n_frames {shortest} < {MIN_FRAMES}: C3D input is padded to "
+                f"{MIN_FRAMES} frames"
             )
         if tuple(features.fc7.shape) != (batch, config.fc_dim):
             raise CaptionerInputError(

@@ -102,10 +102,17 @@ def build_model_config(
 
 
 def make_validator(
-    store, dataset, split: str, max_length: int, batch_videos: int = 32, on_corrupt="error"
+    store,
+    references: dict[str, list[str]],
+    vocabulary,
+    max_length: int,
+    batch_videos: int = 32,
+    on_corrupt="error",
+    split: str = "val",
 ):
-    """Greedy-decode ``split`` and score it (BLEU, ROUGE-L, CIDEr-D; METEOR is left to evaluation
-    because its Java start-up costs more than a small validation set).
+    """Greedy-decode the videos of ``references`` (the ``split``) and score them (BLEU, ROUGE-L,
+    CIDEr-D; METEOR is left to evaluation because its Java start-up costs more than a small
+    validation set).
 
     With ``on_corrupt="skip"``, videos whose stored data is damaged are left out of the score
     and counted in the record (``corrupt_videos``)."""
@@ -113,11 +120,9 @@ def make_validator(
     from astar.train.data import FeatureSource, collate_features
     from astar.train.decoding import greedy_decode
 
-    references = dataset.captions_by_video(split)
     ids = sorted(vid for vid in references if vid in store)
     if not ids:
         raise TrainingError(f"no {split} video of the dataset has features in {store.path}")
-    vocabulary = dataset.vocabulary
 
     def validate(model: Captioner) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -190,17 +195,19 @@ def train_captioner(config: RunConfig, say: Callable[[str], None] = log.warning)
             say(loaded.describe())
             vectors = torch.as_tensor(loaded.matrix)
         data = CaptionData(
-            vocabulary=data_set.vocabulary.to_dict(),
-            train=data_set.encoded_captions("train"),
-            val_references=data_set.captions_by_video("val"),
-            decode=data_set.vocabulary.decode,
+            vocabulary=data_set.vocabulary.to_dict(), train=data_set.encoded_captions("train")
         )
         settings = config.train
+        references = data_set.captions_by_video("val")
         validate = (
             make_validator(
-                feature_store, data_set, "val", settings.max_length, on_corrupt=settings.on_corrupt
+                feature_store,
+                references,
+                data_set.vocabulary,
+                settings.max_length,
+                on_corrupt=settings.on_corrupt,
             )
-            if data.val_references
+            if references
             else None
         )
         trainer = Trainer(
