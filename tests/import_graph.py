@@ -39,15 +39,45 @@ def all_modules() -> list[str]:
 
 
 @cache
+def lazy_exports(package: str) -> dict[str, str]:
+    """A package's names imported on first use (its ``_EXPORTS``: name -> submodule), as
+    ``astar.store`` has; {} for a package that imports them eagerly."""
+    path = module_file(package)
+    if path is None or path.name != "__init__.py":
+        return {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "_EXPORTS" for target in node.targets
+        ):
+            return {
+                name: f"{package}.{module}" for name, module in ast.literal_eval(node.value).items()
+            }
+    return {}
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node but the bodies of ``if TYPE_CHECKING:`` (imports that never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+@cache
 def imports_of(module: str) -> frozenset[str]:
-    """The astar modules ``module`` imports directly (a ``from pkg import name`` that names a
-    submodule counts as that submodule)."""
+    """The astar modules ``module`` imports directly when it runs (a ``from pkg import name``
+    that names a submodule, or a lazily exported name, counts as that submodule; imports under
+    ``if TYPE_CHECKING:`` do not count)."""
     path = module_file(module)
     if path is None:
         return frozenset()
     tree = ast.parse(path.read_text(), filename=str(path))
     found = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("astar."))
         elif isinstance(node, ast.ImportFrom):
@@ -59,9 +89,12 @@ def imports_of(module: str) -> frozenset[str]:
             if not (node.module or "").startswith("astar."):
                 continue
             found.add(node.module)
+            lazy = lazy_exports(node.module)
             for alias in node.names:
                 if module_file(f"{node.module}.{alias.name}") is not None:
                     found.add(f"{node.module}.{alias.name}")
+                elif alias.name in lazy:
+                    found.add(lazy[alias.name])
     found.discard(module)
     return frozenset(name for name in found if module_file(name) is not None)
 
