@@ -1,43 +1,62 @@
-"""Feature store reads: what verifying every video against its sha256 costs.
+"""Random reads from the feature store against ``np.load`` of the same arrays from ``.npy`` files.
 
-    python benchmarks/bench_store_read.py [--videos 24] [--repeats 5] [--batch 8]
+    python benchmarks/bench_store_read.py [--videos 24] [--repeats 5] [--batch 8] [--s3]
 
-Builds a store in a temporary directory with the paper's C3D shapes in float16 (pool2
-(128, T/2, 28, 28) ... fc7 (clips, 4096)), 32-128 frames per video, ReLU-like random values
-(half zeros, so zstd compresses them as it does real features). Then reads every video, one at
-a time and in shuffled batches as training visits them, with checksums on (the default) and off
-(``FeatureStore.open(path, verify=False)``), interleaved in one process so that the ratios hold
-on a noisy shared machine. Prints medians over --repeats passes, the cost of verification in %
-and in ms per video (hashing on the reader's threads, and on one), and the hash throughput that
-bounds it.
+Builds stores with the paper's C3D shapes in float16 (pool2 (128, T/2, 28, 28) ... fc7 (clips,
+4096)), 32-128 frames per video, ReLU-like random values (half zeros, so zstd compresses them
+about as it does real features), once zstd-compressed (the default) and once uncompressed
+(``--compression none``), and writes every video's every layer to its own ``.npy`` file on the
+same disk. Then, interleaved in one process so that the ratios hold on a noisy shared machine:
+
+* one video's layer at a time, in random order: ``store.get(id, [layer])`` against
+  ``np.load(<id>.<layer>.npy)``;
+* a whole video at a time (its 5 layers);
+* training-order batches: the shuffled order an epoch visits, ``--batch`` videos a
+  ``read_batch``, against ``np.load`` of each of their layers;
+
+each with checksums verified (the default) and without (``verify=False``). Prints medians over
+--repeats passes and the ratio np.load time / store time (>= 1: the store is as fast or
+faster). ``--s3`` repeats it with the stores on moto's S3 server on 127.0.0.1 (a separate
+process; the .npy files stay on the local disk), which measures this code's request pattern
+over loopback HTTP, not a real S3 service's latency.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
+import os
+import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from astar.store import LAYERS, FeatureStore, partition
-from astar.store.digest import checksum
+from astar.store import LAYERS, FeatureStore
 from astar.store.geometry import BACKBONES
 from astar.store.synthetic import synthetic_schema, write_videos
 
 PAPER_SHAPES = BACKBONES["c3d"].layer_shapes()  # C3D on 112 x 112 frames, without time
 
 
-def build_store(root: Path, n_videos: int, partition_size: int, seed: int = 0) -> FeatureStore:
+def build_store(
+    location: str | Path,
+    n_videos: int,
+    partition_size: int,
+    seed: int = 0,
+    compression: str = "zstd",
+) -> FeatureStore:
     """A store of ``n_videos`` random videos of 32-128 frames with the paper's shapes."""
     schema = synthetic_schema(
         PAPER_SHAPES, backbone="c3d", preprocessing="caffe-bgr-mean", dtype="float16"
     )
-    store = FeatureStore.create_or_open(root, schema)
+    store = FeatureStore.create_or_open(location, schema)
     rng = np.random.default_rng(seed)
 
     def make(vid: str) -> tuple[int, dict[str, np.ndarray]]:
@@ -51,59 +70,125 @@ def build_store(root: Path, n_videos: int, partition_size: int, seed: int = 0) -
         }  # layer -> (C, T, H, W) or (clips, D)
 
     videos = [(f"v{k:04d}", f"/bench/v{k:04d}.mp4") for k in range(n_videos)]
-    write_videos(store, videos, make, partition_size)
+    write_videos(store, videos, make, partition_size, compression=compression)
     return store
 
 
-def _seconds(run: Callable[..., object], *args: object) -> float:
+def _seconds(run: Callable[[], object]) -> float:
     started = time.perf_counter()
-    run(*args)
+    run()
     return time.perf_counter() - started
 
 
-def _one_at_a_time(store: FeatureStore, ids: list[str]) -> None:
-    for video_id in ids:
-        store[video_id]
-
-
-def _batches(store: FeatureStore, batches: list[list[str]]) -> None:
-    for batch in batches:
-        store.read_batch(batch)
-
-
-def measure(
-    passes: dict[str, Callable[[FeatureStore], None]],
-    modes: dict[str, tuple[FeatureStore, int]],
-    repeats: int,
-) -> dict[tuple[str, str], list[float]]:
-    """Seconds of each pass in each mode (a store, and the threads hashing), interleaved."""
-    times: dict[tuple[str, str], list[float]] = {(p, m): [] for p in passes for m in modes}
-    default = partition.HASH_THREADS
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server in its own process on a free loopback port; its endpoint URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
     try:
-        for round in range(repeats + 1):  # round 0 warms up: arrays opened, page cache filled
-            for name, run in passes.items():
-                for mode, (store, threads) in modes.items():
-                    partition.HASH_THREADS = threads
-                    took = _seconds(run, store)
-                    if round:
-                        times[name, mode].append(took)
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("moto's S3 server did not start")
+            time.sleep(0.1)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="eu-west-1",
+            AWS_ENDPOINT_URL=endpoint,
+        )
+        import boto3
+
+        boto3.client("s3", region_name="eu-west-1").create_bucket(
+            Bucket="bench", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
+        yield "s3://bench"
     finally:
-        partition.HASH_THREADS = default
-    return times
+        server.terminate()
+        server.wait(10)
 
 
-def hash_throughput(store: FeatureStore, ids: list[str], repeats: int) -> tuple[float, float]:
-    """GB/s of ``checksum`` on the views a read hands out, and of bare sha256 on one buffer."""
-    views = [array for video in store.read_batch(ids) for array in video.layers.values()]
-    total = sum(view.nbytes for view in views)
-    checksums = statistics.median(
-        _seconds(lambda: [checksum(view) for view in views]) for _ in range(repeats)
+def run(root: Path, places: dict[str, str], args: argparse.Namespace) -> None:
+    """Build the stores at ``places`` (name -> location) and the .npy files, then measure."""
+    started = time.perf_counter()
+    stores = {}
+    for compression in ("zstd", "none"):
+        location = places[compression]
+        stores[compression] = build_store(
+            location, args.videos, args.partition_size, compression=compression
+        )
+    reference = FeatureStore.open(stores["none"].path)
+    ids = reference.ids
+    npy = root / "npy"
+    npy.mkdir()
+    raw = 0
+    for video in reference.read_batch(ids):
+        for layer, array in video.layers.items():
+            np.save(npy / f"{video.id}.{layer}.npy", array)
+            raw += array.nbytes
+    print(
+        f"{len(ids)} videos, paper C3D shapes, float16: {raw / 1e6:.0f} MB of features; "
+        f"stores at {places['zstd']} and {places['none']}; built in "
+        f"{time.perf_counter() - started:.0f} s"
     )
-    buffer = np.ascontiguousarray(views[0])
-    bare = statistics.median(
-        _seconds(lambda: hashlib.sha256(buffer.data).digest()) for _ in range(repeats)
+    rng = np.random.default_rng(1)
+    order = [ids[k] for k in rng.permutation(len(ids))]  # shuffled, as an epoch visits them
+    batches = [order[k : k + args.batch] for k in range(0, len(order), args.batch)]
+    readers = {
+        f"{compression}, {'checked' if verify else 'unchecked'}": FeatureStore.open(
+            stores[compression].path, verify=verify
+        )
+        for compression in ("zstd", "none")
+        for verify in (True, False)
+    }
+
+    def npy_layers(video_id: str, layers: tuple[str, ...]) -> None:
+        for layer in layers:
+            np.load(npy / f"{video_id}.{layer}.npy")
+
+    passes: dict[str, tuple[Callable, Callable]] = {}  # name -> (np.load pass, store pass)
+    for layer in LAYERS:
+        passes[f"one {layer}"] = (
+            lambda layer=layer: [npy_layers(v, (layer,)) for v in order],
+            lambda store, layer=layer: [store.get(v, [layer]) for v in order],
+        )
+    passes["one video"] = (
+        lambda: [npy_layers(v, LAYERS) for v in order],
+        lambda store: [store.get(v) for v in order],
     )
-    return total / checksums / 1e9, buffer.nbytes / bare / 1e9
+    passes[f"batch of {args.batch}"] = (
+        lambda: [npy_layers(v, LAYERS) for batch in batches for v in batch],
+        lambda store: [store.read_batch(batch) for batch in batches],
+    )
+    times: dict[tuple[str, str], list[float]] = {}
+    for round in range(args.repeats + 1):  # round 0 warms up: arrays opened, page cache filled
+        for name, (baseline, through_store) in passes.items():
+            took = {"np.load": _seconds(baseline)}
+            for mode, store in readers.items():
+                took[mode] = _seconds(lambda s=store, f=through_store: f(s))
+            if round:
+                for mode, seconds in took.items():
+                    times.setdefault((name, mode), []).append(seconds)
+    modes = ["np.load", *readers]
+    print(
+        f"\nmedians of {args.repeats} passes, ms per video; in brackets np.load time / store "
+        "time (>= 1: as fast as np.load)"
+    )
+    print(f"{'read':>12} " + " ".join(f"{mode:>19}" for mode in modes))
+    for name in passes:
+        base = statistics.median(times[name, "np.load"])
+        cells = []
+        for mode in modes:
+            took = statistics.median(times[name, mode])
+            ratio = "" if mode == "np.load" else f" ({base / took:4.2f})"
+            cells.append(f"{took / len(ids) * 1e3:>12.2f}{ratio:>7}")
+        print(f"{name:>12} " + " ".join(cells))
 
 
 def main() -> None:
@@ -112,57 +197,26 @@ def main() -> None:
     parser.add_argument("--partition-size", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="Videos per training batch.")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--s3", action="store_true", help="Also with the stores on moto S3.")
     args = parser.parse_args()
-
+    print(f"{os.cpu_count()} CPUs; {_cpu_name()}")
     with tempfile.TemporaryDirectory(prefix="bench_store_read_") as folder:
-        started = time.perf_counter()
-        path = build_store(Path(folder) / "store", args.videos, args.partition_size).path
-        checked, unchecked = FeatureStore.open(path), FeatureStore.open(path, verify=False)
-        ids = checked.ids
-        raw = sum(
-            video.layers[layer].nbytes for video in checked.read_batch(ids) for layer in LAYERS
-        )
-        on_disk = sum(f.stat().st_size for f in (path / "partitions").rglob("c.*"))
-        print(
-            f"{len(ids)} videos, paper C3D shapes, float16: {raw / 1e6:.0f} MB of features, "
-            f"{on_disk / 1e6:.0f} MB on disk (zstd); built in {time.perf_counter() - started:.1f} s"
-        )
-        rng = np.random.default_rng(1)
-        order = [ids[k] for k in rng.permutation(len(ids))]  # shuffled, as an epoch visits them
-        batches = [order[k : k + args.batch] for k in range(0, len(order), args.batch)]
-        passes = {
-            "one at a time": lambda store: _one_at_a_time(store, order),
-            f"batches of {args.batch}": lambda store: _batches(store, batches),
-        }
-        modes = {
-            "off": (unchecked, partition.HASH_THREADS),
-            "on": (checked, partition.HASH_THREADS),
-            "on, 1 thread": (checked, 1),
-        }
-        times = measure(passes, modes, args.repeats)
+        root = Path(folder)
+        print("\n== stores on the local disk")
+        run(root, {c: str(root / f"store-{c}") for c in ("zstd", "none")}, args)
+        if args.s3:
+            shutil.rmtree(root / "npy")
+            print("\n== stores on moto's S3 server (loopback), .npy files on the local disk")
+            with moto_server() as bucket:
+                run(root, {c: f"{bucket}/store-{c}" for c in ("zstd", "none")}, args)
 
-        print(
-            f"\nmedians of {args.repeats} passes over the {len(ids)} videos (all layers), "
-            f"ms per video; hashing on {partition.HASH_THREADS} threads unless said"
-        )
-        print(
-            f"{'read':>16} {'verify':>13} {'ms/video':>9} {'MB/s':>6} {'cost':>7} {'ms/video':>9}"
-        )
-        for name in passes:
-            off = statistics.median(times[name, "off"])
-            for mode in modes:
-                took = statistics.median(times[name, mode])
-                cost = "" if mode == "off" else f"{(took / off - 1) * 100:+6.1f}%"
-                extra = "" if mode == "off" else f"{(took - off) / len(ids) * 1e3:+8.2f}"
-                print(
-                    f"{name:>16} {mode:>13} {took / len(ids) * 1e3:>9.1f} "
-                    f"{raw / took / 1e6:>6.0f} {cost:>7} {extra:>9}"
-                )
-        views, bare = hash_throughput(checked, ids, args.repeats)
-        print(
-            f"\nhash throughput (one core): checksum of the read views {views:.2f} GB/s, "
-            f"bare sha256 {bare:.2f} GB/s; {raw / len(ids) / 1e6:.1f} MB per video"
-        )
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import click
 
 from astar.evaluate.report import markdown_table
 from astar.pipelines.metrics import TABLE_METRICS
+from astar.store.location import store_argument
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -35,7 +36,10 @@ def _say(line: str) -> None:
     "--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option(
-    "--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+    "--store",
+    required=True,
+    type=store_argument(exists=True),
+    help="Feature store: a directory or an fsspec URL (s3://bucket/store).",
 )
 @click.option(
     "--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)

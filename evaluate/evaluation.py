@@ -24,6 +24,7 @@ from typing import Literal
 
 from astar.evaluate.report import markdown_table
 from astar.pipelines.metrics import TABLE_METRICS
+from astar.store.location import StorePath, store_path
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class EvaluationConfig:
     """One evaluation: which checkpoint on which split, decoded how, written where."""
 
     checkpoint: Path  # a train-captioner checkpoint (best.pt or last.pt)
-    store: Path  # the feature store of the dataset's videos
+    store: StorePath  # the feature store of the dataset's videos: a directory or fsspec URL
     dataset: Path  # the prepared dataset directory: references of ``split``
     out: Path  # the evaluation folder
     split: str = "test"
@@ -53,8 +54,9 @@ class EvaluationConfig:
     progress: bool = True  # show a progress bar while decoding
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint", "store", "dataset", "out"):
+        for name in ("checkpoint", "dataset", "out"):
             object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "store", store_path(self.store))
 
 
 def write_json(path: Path, data) -> None:

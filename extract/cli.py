@@ -11,6 +11,7 @@ from astar.extract.decode import DecodeConfig
 from astar.extract.runner import ExtractConfig, InputError, extract_features
 from astar.store.files import no_space_report
 from astar.store.geometry import BACKBONES, MIN_FRAMES
+from astar.store.location import store_argument
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -23,7 +24,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--out", "-o", required=True, type=click.Path(path_type=Path), help="Store directory."
+    "--out",
+    "-o",
+    required=True,
+    type=store_argument(),
+    help="Store: a directory or an fsspec URL (s3://bucket/store; credentials from fsspec's "
+    "configuration or the environment).",
 )
 @click.option("--fps", default=2.0, show_default=True, help="Frames sampled per second of video.")
 @click.option(

@@ -20,20 +20,29 @@ import logging
 import multiprocessing
 import os
 import queue
-import shutil
+import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from astar.extract.decode import DecodeConfig, VideoDecodeError
 from astar.extract.isolation import IsolatedDecoder
 from astar.pipelines.text import NotUTF8Error, decode_utf8
-from astar.store import FeatureStore, InvalidFeatures, PartitionPlan, StoreError, StoreSchema
+from astar.store import (
+    OK,
+    FeatureStore,
+    InvalidFeatures,
+    PartitionPlan,
+    StoreError,
+    StoreSchema,
+)
 from astar.store.holders import live_holders, registered_writer
+from astar.store.location import remove_tree, store_path
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,16 @@ FEATURE_ERROR = "feature_error"
 
 class InputError(ValueError):
     """The list of videos to extract is unusable (unreadable CSV, duplicate ids, nothing found)."""
+
+
+class WorkerDied(StoreError):
+    """Partitions were given up because their worker process kept dying (killed, out of memory,
+    crashed) while extracting them; the message names each one.
+
+    Raised once every other partition is done. What the dead workers staged is kept, so a rerun
+    resumes those partitions. A StoreError, so that the CLI prints it as a message: the store is
+    left unfinished, not damaged.
+    """
 
 
 @dataclass(frozen=True)
@@ -348,20 +367,26 @@ def _worker_extract(
 ) -> ExtractSummary:
     """Entry point of a worker process (local pool or Dask): one partition.
 
-    ``events`` is a queue for per-video progress; in a local pool it comes from the worker's
-    initializer (:func:`_init_worker`); on Dask it is None (Dask reports whole partitions).
+    ``events`` is a queue for progress; in a local pool it comes from the worker's initializer
+    (:func:`_init_worker`); on Dask it is None (Dask reports whole partitions). The worker puts
+    ``("start", partition, pid)`` first, so that the parent can tell which partition a worker
+    that dies was in, then ``("video", partition, video_id, status)`` per video.
     """
     import torch
 
     torch.set_num_threads(threads)
+    events = events if events is not None else _WORKER_EVENTS.get("queue")
+    if events is not None:
+        events.put(("start", partition.name, os.getpid()))
     store = FeatureStore.open(store_path)
     if config not in _EXTRACTORS:
         _EXTRACTORS[config] = make_extractor(config)
-    events = events if events is not None else _WORKER_EVENTS.get("queue")
-    report = (lambda vid, status: events.put((vid, status))) if events is not None else None
-    return extract_partition(
-        store, partition, _EXTRACTORS[config], config, report or (lambda vid, status: None)
-    )
+
+    def report(video_id: str, status: str) -> None:
+        if events is not None:
+            events.put(("video", partition.name, video_id, status))
+
+    return extract_partition(store, partition, _EXTRACTORS[config], config, report)
 
 
 _WORKER_EVENTS: dict = {}  # per local worker process: the parent's progress queue
@@ -408,7 +433,7 @@ def extract_features(
     videos = gather_videos(inputs, config.ids)
     extractor = make_extractor(config)
     schema = build_schema(config, extractor)
-    out = Path(out)
+    out = store_path(out)  # a directory or an fsspec URL
     reason = restart_reason(out, schema) if restart_changed else ""
     if reason:
         holders = live_holders(out / "locks")
@@ -418,7 +443,7 @@ def extract_features(
                 f"({'; '.join(holders)}). Wait for it to finish or stop it, or choose another "
                 "--out"
             )
-        shutil.rmtree(out)
+        remove_tree(out)
     store = FeatureStore.create_or_open(out, schema)
     owned = [extractor]  # handed over, so that the workers' branches can free it
     del extractor
@@ -487,8 +512,17 @@ def _extract_todo(
 
 
 def _extract_on_dask(store: FeatureStore, todo: list[PartitionPlan], config: ExtractConfig, bar):
-    """One Dask task per partition; the store must be on storage every worker sees."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    """One Dask task per partition; the store must be on storage every worker sees.
+
+    A task whose worker process dies is rerun by Dask's scheduler on another worker, up to
+    ``distributed.scheduler.allowed-failures`` times (default 3), and a LocalCluster's nanny
+    restarts the dead worker. The rerun resumes the partition from what the dead worker staged:
+    its partition lock names a pid of this host that the nanny reaped at once (a thread waits on
+    it), so the rerun breaks it. (A rerun on another host cannot check that pid and is refused
+    with PartitionLocked, which says so.) A partition Dask gave up (``KilledWorker``) fails the
+    run with :class:`WorkerDied` naming it, once the other partitions are done.
+    """
+    from dask.distributed import Client, KilledWorker, LocalCluster, as_completed
 
     if config.dask == "local":
         cluster = LocalCluster(
@@ -499,6 +533,7 @@ def _extract_on_dask(store: FeatureStore, todo: list[PartitionPlan], config: Ext
         cluster, client = None, Client(config.dask)
     threads = 1 if cluster is not None else max(1, os.cpu_count() or 1)
     summary = ExtractSummary()
+    given_up: dict[str, list[str]] = {}
     try:
         futures = {
             client.submit(
@@ -513,39 +548,145 @@ def _extract_on_dask(store: FeatureStore, todo: list[PartitionPlan], config: Ext
             for part in todo
         }
         for future in as_completed(futures):
-            summary.merge(future.result())
-            bar.update(len(futures[future].videos))
+            part = futures[future]
+            try:
+                result = future.result()
+            except KilledWorker as error:
+                log.error("partition %s: given up by Dask: %s", part.name, error)
+                given_up[part.name] = [
+                    f"Dask gave it up after {error.allowed_failures + 1} worker death(s) while "
+                    f"extracting it (the last on {error.last_worker.address})"
+                ]
+                continue
+            summary.merge(result)
+            bar.update(len(part.videos))
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+    if given_up:
+        raise WorkerDied(_given_up_message(store, given_up))
     return summary
 
 
-def _extract_in_workers(
+WORKER_ATTEMPTS = 3  # tries of a partition whose local worker process dies, before it is given up
+
+
+def _given_up_message(store: FeatureStore, given_up: dict[str, list[str]]) -> str:
+    listed = "\n  ".join(f"{name}: {'; '.join(why)}" for name, why in sorted(given_up.items()))
+    return (
+        f"{store.path}: {len(given_up)} partition(s) given up, their worker process died each "
+        f"time it extracted them:\n  {listed}\nEvery other partition is stored, and what the "
+        "dead workers staged is kept: once the cause is found (the kernel's out-of-memory killer "
+        "shows in dmesg), rerunning the same command resumes these partitions."
+    )
+
+
+def _death(exitcode: int | None) -> str:
+    """How a worker process ended, for messages: ``signal 9, SIGKILL`` or ``exit code 1``."""
+    if exitcode is None:
+        return "cause unknown"
+    if exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        return f"signal {-exitcode}, {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+class _PoolEvents:
+    """The parent's record of its local workers' events, over the successive pools of one run.
+
+    It passes each video's progress to ``on_video`` once, although a retried partition reports
+    again, as ``skipped``, the videos a dead worker staged for it; it knows which partition each
+    worker process of the current pool started last, to tell which one a dead worker was in;
+    and it collects the videos this run staged in an attempt whose worker died, which the retry
+    counts as skipped (see :func:`_count_redone`).
+    """
+
+    def __init__(self, on_video: Callable[[str, str], None]):
+        self.on_video = on_video
+        self.pool = 0  # the current pool, counted from 1
+        self.running: dict[int, str] = {}  # pid -> the partition it started last (this pool)
+        self.first_pool: dict[str, int] = {}  # partition -> the pool that first started it
+        # Partition -> the videos its first start skipped: staged before this run.
+        self.staged_before: defaultdict[str, set[str]] = defaultdict(set)
+        # Partition -> videos a later start skipped that were not staged before this run.
+        self.redone: defaultdict[str, set[str]] = defaultdict(set)
+        self._reported: set[str] = set()
+
+    def new_pool(self) -> None:
+        self.pool += 1
+        self.running = {}
+
+    def handle(self, event: tuple) -> None:
+        """One event of :func:`_worker_extract` (runs on the parent's progress thread)."""
+        kind, partition, *rest = event
+        if kind == "start":
+            (pid,) = rest
+            self.running[pid] = partition
+            self.first_pool.setdefault(partition, self.pool)
+            return
+        video_id, status = rest
+        if status == "skipped":
+            # A worker's events arrive in order, its start first: first_pool is set.
+            if self.first_pool.get(partition) == self.pool:
+                self.staged_before[partition].add(video_id)
+            elif video_id not in self.staged_before[partition]:
+                self.redone[partition].add(video_id)
+        if video_id not in self._reported:
+            self._reported.add(video_id)
+            self.on_video(video_id, status)
+
+
+def _drain(events, stop: threading.Event, handle: Callable[[tuple], None]) -> None:
+    """Hand every event of ``events`` to ``handle`` until ``stop`` is set and none is left."""
+    while not stop.is_set() or not events.empty():
+        try:
+            handle(events.get(timeout=0.1))
+        except queue.Empty:
+            continue
+
+
+def _pool_processes(pool: ProcessPoolExecutor) -> dict:
+    """The pool's worker processes by pid (kept live, so later ones are seen too).
+
+    ProcessPoolExecutor keeps them in its private ``_processes`` (CPython 3.8 to 3.13); their
+    exit codes tell the worker that died apart from those the broken pool terminated after it.
+    Without them, which partition a dead worker was in is unknown (see :func:`_blame`).
+    """
+    processes = getattr(pool, "_processes", None)
+    return processes if isinstance(processes, dict) else {}
+
+
+def _run_pool(
+    context,
     store: FeatureStore,
-    todo: list[PartitionPlan],
+    parts: list[PartitionPlan],
     config: ExtractConfig,
-    on_video: Callable[[str, str], None],
-) -> ExtractSummary:
-    context = multiprocessing.get_context("spawn")
-    workers = min(config.workers, len(todo))
+    record: _PoolEvents,
+) -> tuple[list[tuple[PartitionPlan, ExtractSummary]], list[PartitionPlan], dict[int, int | None]]:
+    """Extract ``parts`` in one pool of local workers.
+
+    Returns the finished partitions with their summaries, the partitions left unfinished because
+    a worker process died (which breaks the whole pool), and then the exit code of each of the
+    pool's processes by pid. Any other error of a partition is raised.
+    """
+    workers = min(config.workers, len(parts))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    summary = ExtractSummary()
     # A plain queue, handed to the workers as they start (inheritance), rather than a manager:
-    # a manager is one more process that would outlive a killed parent.
+    # a manager is one more process that would outlive a killed parent. A new one for every
+    # pool: a worker killed while writing to it may have left its write lock taken.
     events = context.Queue()
     stop = threading.Event()
-
-    def drain() -> None:
-        while not stop.is_set() or not events.empty():
-            try:
-                on_video(*events.get(timeout=0.1))
-            except queue.Empty:
-                continue
-
-    reporter = threading.Thread(target=drain, name="progress", daemon=True)
+    record.new_pool()
+    reporter = threading.Thread(
+        target=_drain, args=(events, stop, record.handle), name="progress", daemon=True
+    )
     reporter.start()
+    finished: list[tuple[PartitionPlan, ExtractSummary]] = []
+    unfinished: list[PartitionPlan] = []
+    processes: dict = {}
     try:
         with ProcessPoolExecutor(
             max_workers=workers,
@@ -555,13 +696,133 @@ def _extract_in_workers(
         ) as pool:
             futures = [
                 pool.submit(_worker_extract, str(store.path), part, config, threads)
-                for part in todo
+                for part in parts
             ]
-            for future in futures:
-                summary.merge(future.result())
+            processes = _pool_processes(pool)
+            for part, future in zip(parts, futures, strict=True):
+                try:
+                    finished.append((part, future.result()))
+                except BrokenProcessPool:
+                    unfinished.append(part)
+        # Leaving the pool joined its processes: the dead ones are reaped, so their partition
+        # locks now name pids that no longer exist, which the next pool's workers break.
     finally:
         stop.set()
-        reporter.join()
+        reporter.join()  # every event of this pool is handled before its deaths are judged
+    exit_codes = {pid: process.exitcode for pid, process in processes.items()}
+    return finished, unfinished, exit_codes
+
+
+def _blame(
+    unfinished: list[PartitionPlan], exit_codes: dict[int, int | None], running: dict[int, str]
+) -> dict[str, str]:
+    """The unfinished partitions whose worker died -> how, after a pool broke."""
+    names = {part.name for part in unfinished}
+    blamed: dict[str, str] = {}
+    for pid, code in sorted(exit_codes.items()):
+        # Once one worker died, the pool terminates the others with SIGTERM: not their fault.
+        if code == -signal.SIGTERM or code == 0:
+            continue
+        partition = running.get(pid)
+        if partition in names:
+            blamed[partition] = f"worker process {pid} died ({_death(code)})"
+    if blamed:
+        return blamed
+    # The dead worker's partition is unknown (it died before its start event got through, or
+    # by a SIGTERM from elsewhere): every partition in flight counts an attempt, so that one
+    # killing its worker every time is still given up, never retried forever.
+    in_flight = sorted(names & set(running.values())) or sorted(names)
+    codes = sorted({_death(code) for code in exit_codes.values() if code != 0})
+    why = f"a worker process died ({', '.join(codes) or 'cause unknown'})"
+    return dict.fromkeys(in_flight, why)
+
+
+def _count_redone(
+    store: FeatureStore,
+    summary: ExtractSummary,
+    redone: dict[str, set[str]],
+    counted: set[str],
+) -> None:
+    """Count as extracted by this run the videos a dead worker staged, which its retry skipped.
+
+    The dead worker's summary died with it; its staged videos reach the run's summary only
+    through the retry's, as ``skipped`` (staged when it started), whereas ``skipped`` means
+    complete before this run. So they move to ok or failed, with their frames, as the committed
+    manifest records them. Only partitions whose summary was ``counted`` are corrected.
+    """
+    videos = {video_id for name in counted & set(redone) for video_id in redone[name]}
+    if not videos:
+        return
+    store.refresh()
+    manifest = store.manifest.set_index("id")
+    for video_id in sorted(videos & set(manifest.index)):
+        status = str(manifest.at[video_id, "status"])
+        summary.skipped -= 1
+        if status == OK:
+            summary.ok += 1
+            summary.frames += int(manifest.at[video_id, "n_frames"])
+        else:
+            summary.failed[status] = summary.failed.get(status, 0) + 1
+
+
+def _extract_in_workers(
+    store: FeatureStore,
+    todo: list[PartitionPlan],
+    config: ExtractConfig,
+    on_video: Callable[[str, str], None],
+) -> ExtractSummary:
+    """Extract ``todo`` in local worker processes, surviving workers that die.
+
+    A worker that dies (SIGKILL, the out-of-memory killer, a crash) breaks the whole pool:
+    ProcessPoolExecutor fails every unfinished partition and terminates the other workers. So a
+    new pool takes the unfinished partitions, which resume from what was staged; the dead
+    workers' locks name dead pids of this host, so the new workers break them. Only the
+    partition the dead worker was in counts an attempt: one whose worker died WORKER_ATTEMPTS
+    times is given up, and once every other partition is done the run raises
+    :class:`WorkerDied` naming it. A warning is logged at every death.
+    """
+    context = multiprocessing.get_context("spawn")
+    record = _PoolEvents(on_video)
+    summary = ExtractSummary()
+    deaths: defaultdict[str, list[str]] = defaultdict(list)  # partition -> how its workers died
+    given_up: dict[str, list[str]] = {}
+    counted: set[str] = set()  # partitions whose summary is merged
+    remaining = list(todo)
+    while remaining:
+        finished, unfinished, exit_codes = _run_pool(context, store, remaining, config, record)
+        for part, result in finished:
+            summary.merge(result)
+            counted.add(part.name)
+        blamed = _blame(unfinished, exit_codes, record.running) if unfinished else {}
+        for name, why in sorted(blamed.items()):
+            deaths[name].append(why)
+            attempt = len(deaths[name])
+            if attempt >= WORKER_ATTEMPTS:
+                log.error(
+                    "%s during partition %s; giving it up after %d attempts",
+                    why,
+                    name,
+                    attempt,
+                )
+                given_up[name] = deaths[name]
+            else:
+                log.warning(
+                    "%s during partition %s; retrying it (attempt %d of %d)",
+                    why,
+                    name,
+                    attempt + 1,
+                    WORKER_ATTEMPTS,
+                )
+        others = [part.name for part in unfinished if part.name not in blamed]
+        if others:
+            log.warning(
+                "partition(s) %s stopped with the pool after a worker died; resuming them",
+                ", ".join(others),
+            )
+        remaining = [part for part in unfinished if part.name not in given_up]
+    _count_redone(store, summary, record.redone, counted)
+    if given_up:
+        raise WorkerDied(_given_up_message(store, given_up))
     return summary
 
 
@@ -589,6 +850,7 @@ __all__ = [
     "ExtractConfig",
     "ExtractSummary",
     "InputError",
+    "WorkerDied",
     "build_schema",
     "extract_features",
     "extract_partition",

@@ -9,13 +9,13 @@ instead. It wraps any zarr store, so remote stores (fsspec) get the same guarant
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zarr
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import WrapperStore
 
 from astar.store.errors import MissingChunk
+from astar.store.location import StorePath, zarr_store
 
 if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest
@@ -51,9 +51,9 @@ class StrictStore(WrapperStore):
         return found
 
 
-def open_array(path: Path) -> zarr.Array:
+def open_array(path: StorePath) -> zarr.Array:
     """The zarr v3 array at ``path``, read-only, reading its chunks through a StrictStore."""
-    store = StrictStore(LocalStore(path, read_only=True))
+    store = StrictStore(zarr_store(path, read_only=True))
     return zarr.open_array(store=store, mode="r", zarr_format=3)
 
 

@@ -11,6 +11,7 @@ import click
 
 from astar.store.errors import StoreError
 from astar.store.featurestore import FeatureStore
+from astar.store.location import store_argument
 from astar.store.report import failures_table, summarize_store
 from astar.store.schema import Weights
 
@@ -49,7 +50,7 @@ def _summary_text(summary: dict[str, Any]) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+@click.argument("store_path", metavar="STORE", type=store_argument())
 @click.option("--failures", is_flag=True, help="List the failed videos with kind and reason.")
 @click.option(
     "--verify",

@@ -15,6 +15,12 @@ Layout (``STORE`` is a zarr v3 group)::
     staging/p00003/      while a partition is in progress: one file per finished video
     locks/p00003.lock    while a writer holds the partition
 
+On object storage (any fsspec URL, e.g. ``s3://bucket/store``) a partition is committed by a
+marker instead of a rename (see :mod:`astar.store.writer`)::
+
+    commits/p00000.json  {"attempt": "a-1f2e..."}: created last, only if absent
+    partitions/p00000/a-1f2e.../   the zarr group of that commit, manifest.csv included
+
 The number of files grows with the bytes stored (chunks of about 1 MiB along time) and with the
 number of partitions, never with the number of videos. The partition manifests, not the
 top-level ``manifest.csv``, are the readers' source of truth, so a stale consolidated copy
@@ -39,12 +45,19 @@ import zarr
 from astar.store.errors import CorruptVideo, SchemaMismatch, StoreError, VideoNotFound
 from astar.store.files import FileLock
 from astar.store.geometry import LAYERS
+from astar.store.location import (
+    StorePath,
+    forget_listings,
+    is_remote,
+    store_path,
+    zarr_store,
+)
 from astar.store.manifest import OK, empty_manifest, write_manifest
 from astar.store.partition import PartitionReader, damage_text
 from astar.store.plan import PartitionPlan, extend_plan, read_plan, write_plan
 from astar.store.report import VerifyReport, verify_store
 from astar.store.schema import StoreSchema
-from astar.store.writer import PartitionWriter
+from astar.store.writer import COMMITS, DEFAULT_COMPRESSION, PartitionWriter, marker_path
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +94,9 @@ class FeatureStore:
     its own arrays (a store object sent to a DataLoader worker is pickled without its caches).
     """
 
-    def __init__(self, path: Path, schema: StoreSchema, verify: bool = True):
-        self.path = path
+    def __init__(self, path: StorePath, schema: StoreSchema, verify: bool = True):
+        self.path = path  # a local directory, or a UPath (see astar.store.location)
+        self.remote = is_remote(path)
         self.schema = schema
         self.verify_reads = verify  # check each video read against its recorded sha256
         self._partitions: dict[str, PartitionReader] = {}  # complete partitions opened so far
@@ -101,12 +115,14 @@ class FeatureStore:
     # Opening
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> FeatureStore:
+    def open(cls, path: str | Path | StorePath, verify: bool = True) -> FeatureStore:
         """Open an existing store; :class:`StoreError` if ``path`` is none or of another format.
 
-        ``verify=False`` reads without comparing checksums (benchmarks, trusted copies).
+        ``path``: a directory, or any fsspec URL (``s3://bucket/store``; see
+        :mod:`astar.store.location` for credentials). ``verify=False`` reads without comparing
+        checksums (benchmarks, trusted copies).
         """
-        path = Path(path)
+        path = _location(path)
         root = path / "zarr.json"
         try:
             metadata = json.loads(root.read_text(encoding="utf-8"))
@@ -129,16 +145,18 @@ class FeatureStore:
         Refuses (:class:`SchemaMismatch`, listing the differences) a store made otherwise, and
         a non-empty directory that is not a store.
         """
-        path = Path(path)
+        path = _location(path)
         if not (path / "zarr.json").exists():
             if path.exists() and any(path.iterdir()):
                 raise StoreError(f"{path}: exists, is not empty and is not a feature store")
-            path.mkdir(parents=True, exist_ok=True)
-            for folder in ("staging", "locks"):
-                (path / folder).mkdir(exist_ok=True)
-            zarr.open_group(path / "partitions", mode="a")
+            if not is_remote(path):  # on object storage a folder is only a prefix
+                path.mkdir(parents=True, exist_ok=True)
+                for folder in ("staging", "locks"):
+                    (path / folder).mkdir(exist_ok=True)
+            zarr.open_group(store=zarr_store(path / "partitions", read_only=False), mode="a")
             # The root group last: its zarr.json is what makes the directory a store.
-            zarr.open_group(path, mode="a", attributes=schema.to_dict())
+            root = zarr_store(path, read_only=False)
+            zarr.open_group(store=root, mode="a", attributes=schema.to_dict())
         store = cls.open(path)
         differences = store.schema.differences(schema)
         if differences:
@@ -171,7 +189,8 @@ class FeatureStore:
         additions are lost to another's.
         """
         lock = FileLock(self.path / "locks" / PLAN_LOCK)
-        lock.path.parent.mkdir(exist_ok=True)
+        if not self.remote:
+            lock.path.parent.mkdir(exist_ok=True)
         lock.acquire(wait=PLAN_LOCK_WAIT_S)
         try:
             partitions, added = extend_plan(self.partitions, videos, partition_size)
@@ -182,24 +201,58 @@ class FeatureStore:
         return partitions
 
     def is_complete(self, name: str) -> bool:
+        if self.remote:
+            forget_listings(self.path)
+            return marker_path(self.path, name).exists()
         return (self.path / "partitions" / name / "manifest.csv").is_file()
+
+    def complete_partitions(self) -> dict[str, StorePath]:
+        """Complete partition -> the folder of its arrays and manifest."""
+        folder = self.path / "partitions"
+        if not self.remote:
+            return {
+                entry.name: entry
+                for entry in sorted(folder.iterdir())
+                if (entry / "manifest.csv").is_file()
+            }
+        forget_listings(self.path)
+        markers = self.path / COMMITS
+        if not markers.exists():
+            return {}
+        fs = self.path.fs
+        paths = sorted(entry.path for entry in markers.iterdir() if entry.name.endswith(".json"))
+        found = fs.cat(paths, on_error="raise") if paths else {}
+        complete = {}
+        for key in paths:
+            try:
+                marker = json.loads(found[key])
+                complete[marker["partition"]] = folder / marker["partition"] / marker["attempt"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise StoreError(
+                    f"{self.path}/{COMMITS}/{key.rsplit('/', 1)[-1]}: "
+                    f"unreadable commit marker ({error})"
+                ) from error
+        return complete
 
     def pending(self) -> list[PartitionPlan]:
         """Planned partitions not complete yet (never started, staged, or killed mid-commit)."""
         return [part for part in self.partitions if not self.is_complete(part.name)]
 
-    def partition_writer(self, name: str) -> PartitionWriter:
+    def partition_writer(
+        self, name: str, compression: str = DEFAULT_COMPRESSION
+    ) -> PartitionWriter:
         """A writer for planned partition ``name``; enter it (``with``) to take its lock.
 
-        Works in any process that opened the same path. :class:`PartitionLocked` on entering
-        while a live process holds it.
+        ``compression``: ``zstd`` (default) or ``none``, see ``writer.COMPRESSIONS``; readers
+        take each array as it was written, so partitions may differ. Works in any process that
+        opened the same path. :class:`PartitionLocked` on entering while a live process holds it.
         """
         plans = {part.name: part for part in self.partitions}
         if name not in plans:
             raise StoreError(f"{self.path}: partition {name!r} is not planned (see plan.json)")
-        return PartitionWriter(self, plans[name])
+        return PartitionWriter(self, plans[name], compression)
 
-    def consolidate(self) -> Path:
+    def consolidate(self) -> StorePath:
         """Rewrite ``manifest.csv`` from the complete partitions' manifests; return its path."""
         self.refresh()
         tables = [part.table for part in self._opened()]
@@ -214,13 +267,14 @@ class FeatureStore:
     def refresh(self) -> None:
         """Pick up, at next use, partitions completed since the store was opened (any process)."""
         self._index = None
+        forget_listings(self.path)
 
     def _scan(self) -> None:
-        folder = self.path / "partitions"
-        names = sorted(p.name for p in folder.iterdir() if self.is_complete(p.name))
+        complete = self.complete_partitions()
+        names = sorted(complete)
         for name in names:
             if name not in self._partitions:
-                self._partitions[name] = PartitionReader(folder / name)
+                self._partitions[name] = PartitionReader(complete[name], name)
         index: dict[str, tuple[PartitionReader, int]] = {}
         for name in names:
             part = self._partitions[name]
@@ -379,3 +433,10 @@ class FeatureStore:
     def verify_report(self) -> VerifyReport:
         """Problems and warnings, see :func:`~astar.store.report.verify_store`."""
         return verify_store(self)
+
+
+def _location(path: str | Path | StorePath) -> StorePath:
+    try:
+        return store_path(path)
+    except ValueError as error:
+        raise StoreError(str(error)) from error

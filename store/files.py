@@ -2,17 +2,24 @@
 
 Every file that readers trust appears by ``os.replace`` (or ``os.rename`` for a directory) of a
 fully written and fsynced temporary, so a kill at any instant leaves either the old state or the
-new one, never a half-written file under a final name.
+new one, never a half-written file under a final name. On object storage (a store at an fsspec
+URL, see :mod:`astar.store.location`) the same guarantees come from whole-object writes: a PUT
+is seen complete or not at all, and a lock is an object created only if absent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
+import io
 import json
+import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +28,9 @@ from pathlib import Path
 from typing import IO
 
 from astar.store.errors import PartitionLocked, StoreError
+from astar.store.location import is_remote, put, write_once
+
+log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"  # temporaries start with this; anything named so is never final
 
@@ -49,7 +59,15 @@ def fsync_tree(root: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through ``write(handle)`` into a temporary, fsync it, then replace."""
+    """Write ``path`` through ``write(handle)`` into a temporary, fsync it, then replace.
+
+    On object storage the bytes are gathered in memory and written as one object.
+    """
+    if is_remote(path):
+        buffer = io.BytesIO()
+        write(buffer)
+        put(path, buffer.getvalue())
+        return
     temporary = temp_name(path)
     try:
         with open(temporary, "wb") as handle:
@@ -81,6 +99,19 @@ def _process_start(pid: int) -> str | None:
     return None
 
 
+# A lock on object storage is renewed every LEASE_S / 5 seconds by its holder; one from another
+# host not renewed for LEASE_S is a dead holder's (the hosts' clocks must agree to well within
+# it, as NTP keeps them). On a local disk the holder's pid tells, and locks are not renewed.
+LEASE_S = 300.0
+
+
+def _process_state(pid: int) -> str | None:
+    """State letter of ``pid`` (Linux /proc: R, S, D, Z...), None where unknown."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return None
+
+
 @dataclass(frozen=True)
 class LockOwner:
     """Who holds a lock: enough to decide, on the same host, whether the holder is still alive."""
@@ -89,22 +120,28 @@ class LockOwner:
     pid: int  # process id of the holder
     start: str | None  # the holder's start time (Linux /proc), None where unknown
     since: float  # time.time() when the lock was taken
+    renewed: float | None = None  # time.time() of the last renewal (locks on object storage)
 
     @classmethod
-    def me(cls) -> LockOwner:
-        pid = os.getpid()
-        return cls(socket.gethostname(), pid, _process_start(pid), time.time())
+    def me(cls, renewed: bool = False) -> LockOwner:
+        pid, now = os.getpid(), time.time()
+        return cls(socket.gethostname(), pid, _process_start(pid), now, now if renewed else None)
 
     def alive(self) -> bool | None:
-        """True/False on this host; None on another host, where liveness cannot be checked."""
+        """True/False on this host, or on another host for a renewed lock (renewed within
+        LEASE_S); None otherwise, where liveness cannot be checked."""
         if self.host != socket.gethostname():
-            return None
+            if self.renewed is None:
+                return None
+            return time.time() - self.renewed < LEASE_S
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:  # exists, owned by another user
             return True
+        if _process_state(self.pid) == "Z":  # exited, not yet reaped by its parent: dead
+            return False
         # The pid exists; it is the holder only if it started when the holder did.
         return self.start is None or _process_start(self.pid) in (None, self.start)
 
@@ -130,33 +167,47 @@ def read_owner(path: Path) -> LockOwner:
 
 
 class FileLock:
-    """An exclusive lock on a name, as a file holding its owner; works on local disks and NFS.
+    """An exclusive lock on a name, as a file holding its owner; works on local disks, NFS and
+    object storage.
 
-    Taking it hard-links a fully written temporary to the lock name: ``link`` fails when the name
-    exists, like ``O_CREAT | O_EXCL``, but the lock file can never be seen empty or half
-    written. A lock left by a dead process of this host is broken; a live holder, or a holder on
-    another host (whose liveness cannot be checked from here), raises :class:`PartitionLocked`.
+    On disk, taking it hard-links a fully written temporary to the lock name: ``link`` fails
+    when the name exists, like ``O_CREAT | O_EXCL``, but the lock file can never be seen empty
+    or half written. On object storage the lock is an object created only if absent (see
+    :func:`~astar.store.location.write_once`), renewed by a thread of its holder every
+    ``LEASE_S / 5`` seconds. A lock left by a dead process of this host, or on object storage
+    one not renewed for ``LEASE_S``, is broken; a live holder, or a holder on another host whose
+    liveness cannot be checked from here, raises :class:`PartitionLocked`.
     """
 
     def __init__(self, path: Path):
         self.path = path
         self.owner: LockOwner | None = None  # set while held
+        self._remote = is_remote(path)
+        self._renewing: threading.Event | None = None  # set to stop the renewal thread
 
     def acquire(self, wait: float = 0.0) -> None:
         """Take the lock; :class:`PartitionLocked` if a live process holds it for more than
         ``wait`` seconds (0: refuse at once)."""
-        owner = LockOwner.me()
-        temporary = temp_name(self.path)
-        atomic_write_text(temporary, json.dumps(asdict(owner)))
+        owner = LockOwner.me(renewed=self._remote)
+        text = json.dumps(asdict(owner))
+        temporary = None if self._remote else temp_name(self.path)
+        create: Callable[[Path], bool]  # target -> whether this process created it
+        if temporary is None:
+            create = functools.partial(write_once, data=text.encode())
+        else:
+            atomic_write_text(temporary, text)
+            create = functools.partial(_link_exclusive, temporary)
         started = time.monotonic()
         deadline = started + max(2.0, wait)
         try:
             while True:
-                if _link_exclusive(temporary, self.path):
+                if create(self.path):
                     self.owner = owner
+                    if self._remote:
+                        self._start_renewing()
                     return
                 try:
-                    self._break_if_stale(temporary)
+                    self._break_if_stale(create)
                 except PartitionLocked:
                     if time.monotonic() - started >= wait:
                         raise
@@ -164,7 +215,8 @@ class FileLock:
                 if time.monotonic() > deadline:
                     raise PartitionLocked(f"{self.path}: lock contended, could not take it")
         finally:
-            temporary.unlink(missing_ok=True)
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
 
     def _holder(self, path: Path | None = None) -> LockOwner | None:
         try:
@@ -172,7 +224,7 @@ class FileLock:
         except FileNotFoundError:
             return None
 
-    def _break_if_stale(self, mine: Path) -> None:
+    def _break_if_stale(self, create: Callable[[Path], bool]) -> None:
         """Remove the lock if its holder is dead, else raise :class:`PartitionLocked`.
 
         Several processes may find the same stale lock; removing it blindly could remove the
@@ -193,7 +245,7 @@ class FileLock:
         if alive:
             raise PartitionLocked(f"{self.path} is held by live {holder.describe()}")
         guard = self.path.with_name(self.path.name + ".break")
-        if not _link_exclusive(mine, guard):
+        if not create(guard):
             breaker = self._holder(guard)
             if breaker is not None and breaker.alive() is False:
                 guard.unlink(missing_ok=True)
@@ -206,7 +258,31 @@ class FileLock:
         finally:
             guard.unlink(missing_ok=True)
 
+    def _start_renewing(self) -> None:
+        """Rewrite the lock with a fresh ``renewed`` time every LEASE_S / 5 until released."""
+        stop = self._renewing = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(LEASE_S / 5):
+                current = self.owner
+                if current is None:
+                    return
+                fresh = dataclasses.replace(current, renewed=time.time())
+                try:
+                    if read_owner(self.path) != current:  # broken and taken by another
+                        log.warning("%s: lock lost to another writer", self.path)
+                        return
+                    put(self.path, json.dumps(asdict(fresh)).encode())
+                    self.owner = fresh
+                except (OSError, StoreError) as error:  # a blip: try again next period
+                    log.warning("%s: could not renew the lock (%s)", self.path, error)
+
+        threading.Thread(target=renew, name="astar-lock-renewal", daemon=True).start()
+
     def release(self) -> None:
+        if self._renewing is not None:
+            self._renewing.set()
+            self._renewing = None
         if self.owner is None:
             return
         with contextlib.suppress(FileNotFoundError):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from astar.store.errors import StoreError
 from astar.store.files import TEMP_PREFIX, FileLock, read_owner
+from astar.store.location import is_remote
 
 RUN_LOCK_PREFIX = "run-"  # under locks/: one per process writing the store
 
@@ -45,7 +46,8 @@ def registered_writer(store_path: Path) -> Iterator[None]:
     Locks of dead writers of this host are removed on the way in (a killed run's leftovers).
     """
     locks = store_path / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
+    if not is_remote(locks):  # on object storage a folder is only a prefix
+        locks.mkdir(parents=True, exist_ok=True)
     for entry in locks.glob(f"{RUN_LOCK_PREFIX}*.lock"):
         with contextlib.suppress(OSError, StoreError):
             if read_owner(entry).alive() is False:

@@ -39,7 +39,9 @@ FLOAT_COLUMNS = ("duration", "fps", "source_fps")
 SPAN_NAMES = ("timestamps", *LAYERS)
 OFFSET_COLUMNS = tuple(f"{name}_offset" for name in SPAN_NAMES)
 LENGTH_COLUMNS = tuple(f"{name}_length" for name in SPAN_NAMES)
-CHECKSUM_COLUMNS = tuple(f"{layer}_sha256" for layer in LAYERS)
+# Checksums (see astar.store.digest); stores written before XXH3 named them <layer>_sha256.
+CHECKSUM_COLUMNS = tuple(f"{layer}_checksum" for layer in LAYERS)
+LEGACY_CHECKSUM_COLUMNS = {f"{layer}_sha256": f"{layer}_checksum" for layer in LAYERS}
 COLUMNS = (
     "id",
     "source",
@@ -74,6 +76,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
     """
     dtypes = {
         **dict.fromkeys(TEXT_COLUMNS + CHECKSUM_COLUMNS, str),
+        **dict.fromkeys(LEGACY_CHECKSUM_COLUMNS, str),
         **dict.fromkeys(INT_COLUMNS + OFFSET_COLUMNS + LENGTH_COLUMNS, "int64"),
         **dict.fromkeys(BOOL_COLUMNS, bool),
         **dict.fromkeys(FLOAT_COLUMNS, "float64"),
@@ -88,6 +91,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
         )
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise StoreError(f"{path}: unreadable manifest ({error})") from error
+    if not set(CHECKSUM_COLUMNS) & set(table.columns):
+        table = table.rename(columns=LEGACY_CHECKSUM_COLUMNS)
     missing = [column for column in COLUMNS if column not in table.columns]
     if missing:
         raise StoreError(f"{path}: manifest lacks columns {missing}")

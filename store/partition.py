@@ -1,34 +1,42 @@
 """Reading one complete partition: its manifest, and its arrays opened on demand.
 
 Every read is checked: a chunk that is missing or cannot be decoded damages exactly the videos
-whose spans touch it, and (with ``verify``) each video's values must match the sha256 recorded
+whose spans touch it, and (with ``verify``) each video's values must match the checksum recorded
 in the manifest at write time. Damage is returned, not raised, so that a caller sees every
 damaged video of a request at once.
+
+Chunks are read directly (:class:`ChunkLayout`): the store writes every array with one layout
+(chunked along time only, little-endian bytes then zstd or nothing, ``c.0.3.0.0`` keys), so a
+read is the chunk files' bytes, their decompression on a few threads, and a copy into the
+block, with none of zarr's per-call machinery (about 5 ms a call on the 2-core machine of
+``benchmarks/bench_store_read.py``, more than reading a small layer itself). An array written
+any other way is read through zarr.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+import numcodecs
 import numpy as np
 import zarr
 
 from astar.store.chunkstore import chunk_key, open_array
-from astar.store.digest import checksum
+from astar.store.digest import algorithm_of, checksum
 from astar.store.errors import MissingChunk, StoreError
 from astar.store.geometry import LAYERS
+from astar.store.location import StorePath, is_remote
 from astar.store.manifest import SPAN_NAMES, parse_timestamps, read_manifest
 from astar.store.schema import time_axis
 
-# Threads hashing the videos of a read (hashlib releases the GIL). bench_store_read.py on 2
-# cores, batches of 8 paper-size videos: verification costs 7.3-7.5 ms a video on one thread,
-# 3.1-4.3 on two while the cores are free (the same as one thread while other work keeps them
-# busy). A single video gains nothing: each layer is one array, hashed where it is read.
+# Threads decompressing the chunks and hashing the videos of a read (zstd and xxhash release
+# the GIL). More than the cores gains nothing; a single chunk or video is done where it is read.
 HASH_THREADS = min(4, os.cpu_count() or 1)
 _hashers: ThreadPoolExecutor | None = None  # made on first use
 _hashers_lock = threading.Lock()
@@ -55,9 +63,9 @@ class PartitionReader:
     the store object.
     """
 
-    def __init__(self, path: Path):
-        self.name = path.name
-        self.path = path
+    def __init__(self, path: StorePath, name: str | None = None):
+        self.name = name or path.name  # the partition's name (its folder, on a local disk)
+        self.path = path  # the folder of its arrays and manifest
         self.table = read_manifest(path / "manifest.csv")
         self.rows = {video_id: row for row, video_id in enumerate(self.table["id"])}
         self.offsets = {
@@ -66,10 +74,12 @@ class PartitionReader:
         self.lengths = {
             name: self.table[f"{name}_length"].to_numpy(np.int64) for name in SPAN_NAMES
         }  # array -> (videos,)
-        self.sha256 = {
-            layer: self.table[f"{layer}_sha256"].to_numpy(object) for layer in LAYERS
-        }  # layer -> (videos,) hex digests
+        self.checksums = {
+            layer: self.table[f"{layer}_checksum"].to_numpy(object) for layer in LAYERS
+        }  # layer -> (videos,) digests, see astar.store.digest
         self._arrays: dict[str, zarr.Array] = {}
+        self._layouts: dict[str, ChunkLayout | None] = {}  # None: read through zarr
+        self._records: list[dict[str, Any]] | None = None  # the manifest's rows, made on use
 
     def array(self, name: str) -> zarr.Array:
         """Array ``name``, opened so that reading a lost chunk raises :class:`MissingChunk`."""
@@ -82,8 +92,17 @@ class PartitionReader:
                 ) from error
         return self._arrays[name]
 
+    def layout(self, name: str) -> ChunkLayout | None:
+        """How to read array ``name``'s chunks directly, or None if zarr must read them."""
+        if name not in self._layouts:
+            layout = ChunkLayout.of(self.array(name), self.path / name, time_axis(name))
+            self._layouts[name] = layout
+        return self._layouts[name]
+
     def info(self, row: int) -> dict[str, Any]:
-        record = self.table.iloc[row]
+        if self._records is None:  # pandas' row access costs about 1 ms, a dict's nothing
+            self._records = self.table.to_dict("records")
+        record = self._records[row]
         return {
             "source": record["source"],
             "status": record["status"],
@@ -110,9 +129,10 @@ class PartitionReader:
         """
         results, damaged = self.read_spans(layer, rows)
         if verify:
-            expected = self.sha256[layer][list(rows)]  # (n,)
+            expected = self.checksums[layer][list(rows)]  # (n,)
             read = [k for k, data in enumerate(results) if data is not None]
-            for k, digest in zip(read, checksums([results[k] for k in read]), strict=True):
+            found = checksums([results[k] for k in read], [expected[k] for k in read])
+            for k, digest in zip(read, found, strict=True):
                 if digest != expected[k]:  # the writer refuses non-finite values: say which
                     finite = np.isfinite(results[k]).all()
                     results[k] = None
@@ -141,9 +161,13 @@ class PartitionReader:
         empty = np.empty((*array.shape[:axis], 0, *array.shape[axis + 1 :]), array.dtype)
         results: list[np.ndarray | None] = [empty] * len(rows)
         damaged: dict[int, str] = {}
+        layout = self.layout(name)
         for group in chunk_groups(starts, stops, chunk):
             low, high = int(starts[group].min()), int(stops[group].max())
-            block, lost = _read_block(array, axis, low, high)
+            if layout is not None:
+                block, lost = layout.read(low, high)
+            else:
+                block, lost = _read_block(array, axis, low, high)
             for k in group:
                 start, stop = int(starts[k]), int(stops[k])
                 first, last = start // chunk, (stop - 1) // chunk  # the chunks of the span
@@ -155,11 +179,13 @@ class PartitionReader:
         return results, damaged
 
 
-def checksums(arrays: Sequence[np.ndarray]) -> list[str]:
-    """:func:`~astar.store.digest.checksum` of each array, several at a time on a few threads."""
+def checksums(arrays: Sequence[np.ndarray], like: Sequence[str]) -> list[str]:
+    """:func:`~astar.store.digest.checksum` of each array with the algorithm of the digest
+    ``like`` it is compared with, several at a time on a few threads."""
+    algorithms = [algorithm_of(digest) for digest in like]
     if len(arrays) < 2 or HASH_THREADS < 2:
-        return [checksum(array) for array in arrays]
-    return list(_hash_pool().map(checksum, arrays))
+        return [checksum(a, algorithm) for a, algorithm in zip(arrays, algorithms, strict=True)]
+    return list(_hash_pool().map(checksum, arrays, algorithms))
 
 
 def _hash_pool() -> ThreadPoolExecutor:
@@ -169,6 +195,142 @@ def _hash_pool() -> ThreadPoolExecutor:
         if _hashers is None:
             _hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="astar-sha256")
         return _hashers
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """An array of the store's own layout, read chunk file by chunk file without zarr.
+
+    That layout: chunked along one axis only (time), ``bytes`` little-endian then at most one
+    zstd compressor, no filters, dotted chunk keys. :meth:`of` returns None for any other array.
+    """
+
+    folder: StorePath  # the array's folder, holding its chunk files
+    shape: tuple[int, ...]  # the whole array's shape
+    chunks: tuple[int, ...]  # one chunk's shape (edge chunks are stored whole)
+    dtype: np.dtype
+    axis: int  # the chunked axis
+    keys: tuple[str, ...]  # chunk index -> its file name
+    codec: numcodecs.abc.Codec | None  # the decompressor; None for raw bytes
+
+    @classmethod
+    def of(cls, array: zarr.Array, folder: StorePath, axis: int) -> ChunkLayout | None:
+        """The layout of ``array`` (stored at ``folder``, chunked along ``axis``), or None."""
+        metadata = array.metadata
+        if getattr(metadata, "zarr_format", None) != 3 or not 0 <= axis < array.ndim:
+            return None
+        if any(array.chunks[d] != array.shape[d] for d in range(array.ndim) if d != axis):
+            return None
+        names = [type(codec).__name__ for codec in metadata.codecs]
+        if names not in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]):
+            return None  # sharding, filters or another compressor: zarr knows them
+        endian = getattr(metadata.codecs[0], "endian", None)
+        if endian is not None and getattr(endian, "value", endian) != "little":
+            return None
+        codec = None
+        if len(names) == 2:
+            codec = numcodecs.Zstd(level=metadata.codecs[1].level)
+        count = math.ceil(array.shape[axis] / array.chunks[axis]) if array.shape[axis] else 0
+        keys = tuple(chunk_key(array, axis, index) for index in range(count))
+        dtype = np.dtype(array.dtype).newbyteorder("<")
+        return cls(folder, array.shape, array.chunks, dtype, axis, keys, codec)
+
+    def read(self, low: int, high: int) -> tuple[np.ndarray, dict[int, str]]:
+        """Steps ``low:high`` along the axis, and the chunks there that are lost (index ->
+        reason, the same words as a zarr read's); a lost chunk's steps are left NaN."""
+        length = self.chunks[self.axis]
+        indices = range(low // length, (high - 1) // length + 1)
+        shape = (*self.shape[: self.axis], high - low, *self.shape[self.axis + 1 :])
+        block = np.empty(shape, self.dtype)
+        lost: dict[int, str] = {}
+        remote = self._fetch_remote([self.keys[i] for i in indices]) if self.remote else None
+
+        def place(index: int) -> None:
+            key = self.keys[index]
+            start, stop = max(low, index * length), min(high, (index + 1) * length)
+            target = block[_along(self.axis, start - low, stop - low)]
+            try:
+                chunk = self._chunk(key, remote)
+            except MissingChunk as error:
+                lost[index], target[...] = str(error), np.nan
+                return
+            except Exception as error:  # the codec's own type varies (zstd: RuntimeError)
+                lost[index] = f"chunk {key} unreadable ({type(error).__name__}: {error})"
+                target[...] = np.nan
+                return
+            offset = index * length
+            target[...] = chunk[_along(self.axis, start - offset, stop - offset)]
+
+        if len(indices) > 1 and HASH_THREADS > 1:
+            list(_hash_pool().map(place, indices))
+        else:
+            for index in indices:
+                place(index)
+        return block, lost
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.folder)
+
+    def _chunk(self, key: str, fetched: dict[str, bytes | None] | None) -> np.ndarray:
+        """Chunk ``key`` decoded, as a view of this thread's scratch buffer (valid until the
+        thread's next chunk): a fresh buffer a chunk costs as much again in page faults as the
+        decompression itself (measured on the 2-core VM of bench_store_read.py)."""
+        nbytes = math.prod(self.chunks) * self.dtype.itemsize
+        plain = _scratch("plain", nbytes)
+        if fetched is not None:
+            data = fetched[key]
+            if data is None:
+                raise MissingChunk(key)
+            if self.codec is None:
+                if len(data) != nbytes:
+                    raise ValueError(f"{len(data)} bytes, {nbytes} expected")
+                plain[:] = np.frombuffer(data, np.uint8)
+            else:
+                self.codec.decode(data, out=plain)
+        else:
+            try:
+                handle = open(os.path.join(self.folder, key), "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                raise MissingChunk(key) from None
+            with handle:
+                if self.codec is None:
+                    if handle.readinto(plain) != nbytes or handle.read(1):
+                        raise ValueError(f"chunk file is not {nbytes} bytes")
+                else:
+                    size = os.fstat(handle.fileno()).st_size
+                    packed = _scratch("packed", size)
+                    if handle.readinto(packed) != size:
+                        raise ValueError("chunk file shorter than its size")
+                    self.codec.decode(packed, out=plain)
+        return plain.view(self.dtype).reshape(self.chunks)
+
+    def _fetch_remote(self, keys: list[str]) -> dict[str, bytes | None]:
+        """Each chunk object's bytes (None where it does not exist), in one concurrent call."""
+        fs, base = self.folder.fs, self.folder.path.rstrip("/")
+        found = fs.cat([f"{base}/{key}" for key in keys], on_error="return")
+        out: dict[str, bytes | None] = {}
+        for key in keys:
+            value = found.get(f"{base}/{key}")
+            if isinstance(value, FileNotFoundError):
+                out[key] = None
+            elif isinstance(value, BaseException):
+                raise value
+            else:
+                out[key] = value
+        return out
+
+
+_scratches = threading.local()  # per thread: name -> reusable uint8 buffer
+
+
+def _scratch(name: str, nbytes: int) -> np.ndarray:
+    """This thread's reusable buffer ``name`` of ``nbytes`` bytes (grown as needed)."""
+    buffers = _scratches.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = buffers[name] = np.empty(nbytes, np.uint8)
+    return buffer[:nbytes]
 
 
 def _read_block(

@@ -15,7 +15,6 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +23,7 @@ import pandas as pd
 from astar.store.errors import StoreError
 from astar.store.files import TEMP_PREFIX, read_owner
 from astar.store.geometry import LAYERS
+from astar.store.location import StorePath, is_remote
 from astar.store.manifest import MISSING, OK, SPAN_NAMES, parse_timestamps, read_manifest
 from astar.store.partition import PartitionReader, damage_text
 from astar.store.plan import PartitionPlan
@@ -36,8 +36,9 @@ class CheckedStore(Protocol):
     """What checking and summarising read of a store (a :class:`~astar.store.FeatureStore`):
     the store's ``verify`` calls :func:`verify_store`, so this module may not import it back."""
 
-    path: Path  # the store's root directory
+    path: StorePath  # the store's root directory or URL
     schema: StoreSchema  # how every video of the store is shaped and typed
+    remote: bool  # on object storage (commit markers), not a local disk (renamed folders)
 
     @property
     def partitions(self) -> list[PartitionPlan]: ...  # every planned partition
@@ -46,6 +47,8 @@ class CheckedStore(Protocol):
     def manifest(self) -> pd.DataFrame: ...  # every video of the complete partitions
 
     def is_complete(self, name: str) -> bool: ...  # partition ``name`` is committed
+
+    def complete_partitions(self) -> dict[str, StorePath]: ...  # name -> folder of its arrays
 
 
 @dataclass
@@ -69,18 +72,15 @@ def verify_store(store: CheckedStore) -> VerifyReport:
         report.problems.append(str(error))
         planned = {}
     owners: dict[str, str] = {}  # video id -> partition holding it
-    folder = store.path / "partitions"
-    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if not entry.is_dir():
-            continue
-        if not (entry / "manifest.csv").is_file():
-            report.problems.append(
-                f"partitions/{entry.name}: no manifest.csv, so not a complete partition; "
-                "remove the directory and rerun the extraction"
-            )
-            continue
+    try:
+        complete = store.complete_partitions()
+    except StoreError as error:
+        report.problems.append(str(error))
+        complete = {}
+    _check_uncommitted(store, complete, report)
+    for name, entry in sorted(complete.items()):
         try:
-            part = PartitionReader(entry)
+            part = PartitionReader(entry, name)
         except StoreError as error:
             report.problems.append(str(error))
             continue
@@ -93,6 +93,33 @@ def verify_store(store: CheckedStore) -> VerifyReport:
         _check_partition(store.schema, part, planned.get(part.name), report)
     _check_leftovers(store, planned, report)
     return report
+
+
+def _check_uncommitted(
+    store: CheckedStore, complete: dict[str, StorePath], report: VerifyReport
+) -> None:
+    """Folders under partitions/ that are no complete partition.
+
+    On a local disk a partition appears by rename, whole, so such a folder is a problem. On
+    object storage the builds of writers that died before their commit marker, or lost the race
+    for it, are left behind: garbage, never read, so only a warning.
+    """
+    folder = store.path / "partitions"
+    for entry in sorted(folder.iterdir(), key=str) if folder.is_dir() else []:
+        if not store.remote:
+            if entry.is_dir() and entry.name not in complete:
+                report.problems.append(
+                    f"partitions/{entry.name}: no manifest.csv, so not a complete partition; "
+                    "remove the directory and rerun the extraction"
+                )
+            continue
+        for attempt in entry.iterdir() if entry.is_dir() else []:
+            if attempt.name == "zarr.json" or attempt == complete.get(entry.name):
+                continue
+            report.warnings.append(
+                f"partitions/{entry.name}/{attempt.name}: build of a writer that did not commit "
+                "(killed, or another committed first); unused, safe to delete"
+            )
 
 
 def _check_partition(
@@ -230,13 +257,15 @@ def _check_leftovers(
             f"{len(pending)} planned partition(s) not complete ({shown}); rerun the extraction"
         )
     staging = store.path / "staging"
-    for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
-        staged = sum(1 for f in entry.glob("v*.npz")) if entry.is_dir() else 0
+    for entry in sorted(staging.iterdir(), key=str) if staging.is_dir() else []:
+        staged = 0
+        if entry.is_dir():
+            staged = sum(1 for f in entry.iterdir() if f.name.endswith(".npz"))
         report.warnings.append(
             f"staging/{entry.name}: {staged} staged video(s) of an unfinished partition"
         )
     locks = store.path / "locks"
-    for entry in sorted(locks.iterdir()) if locks.is_dir() else []:
+    for entry in sorted(locks.iterdir(), key=str) if locks.is_dir() else []:
         if entry.name.startswith(TEMP_PREFIX):
             report.warnings.append(f"locks/{entry.name}: temporary left by a killed writer")
             continue
@@ -261,8 +290,11 @@ def _check_leftovers(
         report.warnings.append("no manifest.csv; FeatureStore.consolidate() writes it")
 
 
-def _disk_usage(root: Path) -> tuple[int, int]:
-    """(bytes, files) under ``root``."""
+def _disk_usage(root: StorePath) -> tuple[int, int]:
+    """(bytes, files) under ``root``; on object storage, objects."""
+    if is_remote(root):
+        found = root.fs.find(root.path, detail=True)
+        return sum(int(info.get("size") or 0) for info in found.values()), len(found)
     size = files = 0
     for directory, _, names in os.walk(root):
         for name in names:

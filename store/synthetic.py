@@ -42,12 +42,13 @@ def write_videos(
     videos: Sequence[tuple[str, str]],
     make: Callable[[str], tuple[int, dict[str, np.ndarray]]],
     partition_size: int,
+    compression: str = "zstd",
 ) -> None:
     """Write ``videos`` ((id, source) pairs) into ``store``: ``make(id)`` -> (n_frames,
     {layer: array}), called once a video in plan order (so a seeded generator inside it gives
-    the same store every time)."""
+    the same store every time). ``compression``: of the committed arrays (writer.COMPRESSIONS)."""
     for plan in store.plan(videos, partition_size=partition_size):
-        with store.partition_writer(plan.name) as writer:
+        with store.partition_writer(plan.name, compression) as writer:
             for vid, source in plan.videos:
                 n_frames, features = make(vid)
                 writer.add(vid, source, features, plain_info(n_frames, store.schema.fps))

@@ -13,17 +13,32 @@ Life of a partition ``p`` in ``STORE``:
    never visible; a commit killed midway leaves only ``staging/p/.commit``, rebuilt next time.
 4. The staging directory is deleted, then the lock released.
 
+On object storage (a store at an fsspec URL) rename is a copy, object by object, so it cannot
+publish a partition at once. There a commit builds the group under a name of its own,
+``partitions/p/<attempt>/`` (``a-`` and random hex), manifest included, and then creates the
+marker ``commits/p.json`` naming that attempt with a conditional write (``If-None-Match: *``
+on S3): the marker, written last, is what makes the partition exist for readers, and of two
+writers racing to commit ``p`` exactly one creates it, the other deleting its own attempt and
+taking the winner's. So a reader never sees a partly written partition, and the objects of the
+published partition were all written by one writer, even if a lock was wrongly broken: locks
+there (objects created only if absent, renewed while held) only spare duplicate work. Staged
+videos are objects too, so a partition resumes on any host.
+
 Staging files are uncompressed (``np.savez``): they are short-lived and writing them must not
 slow the extractor down; compression happens once, at commit.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import threading
+import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,6 +53,7 @@ from astar.store.digest import checksum
 from astar.store.errors import InvalidFeatures, StoreError
 from astar.store.files import TEMP_PREFIX, FileLock, atomic_write, fsync_dir, fsync_tree
 from astar.store.geometry import LAYERS
+from astar.store.location import StorePath, is_remote, remove_tree, write_once, zarr_store
 from astar.store.manifest import INFO_KEYS, MISSING, OK, SPAN_NAMES, write_manifest
 from astar.store.plan import PartitionPlan, normalize_source
 from astar.store.schema import StoreSchema, time_axis
@@ -51,9 +67,14 @@ TARGET_CHUNK_BYTES = 1 << 20
 # zstd level 1: measured on ReLU-like fp16 features (half zeros), it compresses as well as the
 # default level 3 (ratio 1.69 vs 1.70) and writes 2-3x faster (about 105-130 vs 45-60 MB/s per
 # core); blosc-lz4 was faster but compressed only 1.09x, and no compression doubles the bytes.
-COMPRESSORS = (ZstdCodec(level=1),)
+# "none" trades those bytes for reads: zstd decompresses at about 0.5 GB/s a core on the 2-core
+# EPYC of benchmarks/bench_store_read.py, which bounds a read of the big pool2 layer there.
+COMPRESSIONS = {"zstd": (ZstdCodec(level=1),), "none": ()}
+DEFAULT_COMPRESSION = "zstd"
 CHUNKS_PER_WRITE = 16  # chunks encoded per zarr write call at commit (bounded memory)
 COMMIT_DIR = ".commit"  # under staging/<partition>/: the partition being built
+COMMITS = "commits"  # on object storage: commits/<partition>.json, the marker written last
+ATTEMPT_PREFIX = "a-"  # on object storage: partitions/<partition>/a-<hex>/, one commit's build
 DIMENSION_NAMES = {"pool": ("channel", "time", "height", "width"), "fc7": ("clip", "feature")}
 
 
@@ -74,7 +95,7 @@ class WritableStore(Protocol):
     """What a writer needs of its store (a :class:`~astar.store.FeatureStore`), no more: the
     store makes writers, so the writer may not import it back."""
 
-    path: Path  # the store's root directory
+    path: StorePath  # the store's root directory or URL
     schema: StoreSchema  # how every video of the store is shaped and typed
 
     def is_complete(self, name: str) -> bool: ...  # partition ``name`` is committed
@@ -98,7 +119,12 @@ class PartitionWriter:
     holds all its videos and ``commit`` does nothing.
     """
 
-    def __init__(self, store: WritableStore, plan: PartitionPlan):
+    def __init__(
+        self, store: WritableStore, plan: PartitionPlan, compression: str = DEFAULT_COMPRESSION
+    ):
+        if compression not in COMPRESSIONS:
+            raise StoreError(f"compression {compression!r} is not one of {list(COMPRESSIONS)}")
+        self.compression = compression  # of the arrays this writer commits (see COMPRESSIONS)
         self.plan = plan
         self.name = plan.name
         self.done_ids: set[str] = set()  # videos staged (ok or failed) or already committed
@@ -109,6 +135,8 @@ class PartitionWriter:
         self._staging = store.path / "staging" / plan.name
         self._lock = FileLock(store.path / "locks" / f"{plan.name}.lock")
         self._mutex = threading.Lock()  # guards done_ids against a staging thread
+        self._remote = is_remote(store.path)
+        self._fetched: dict[str, Path] = {}  # during a remote commit: local copies of staged
 
     # ----------------------------------------------------------------------------------------
     # Lock and resume
@@ -133,15 +161,23 @@ class PartitionWriter:
             if self._staging.exists():  # a commit killed after its rename, before its cleanup
                 shutil.rmtree(self._staging)
             return
-        self._staging.mkdir(parents=True, exist_ok=True)
-        # We hold the lock, so temporaries and a half-built commit are a dead writer's leftovers.
-        if (self._staging / COMMIT_DIR).exists():
-            shutil.rmtree(self._staging / COMMIT_DIR)
-        for leftover in self._staging.glob(f"{TEMP_PREFIX}*"):
-            leftover.unlink()
+        if self._remote:  # one listing, not a request per video; nothing is half written
+            staged = (
+                {entry.name for entry in self._staging.iterdir()}
+                if (self._staging.exists())
+                else set()
+            )
+        else:
+            self._staging.mkdir(parents=True, exist_ok=True)
+            # We hold the lock: temporaries and a half-built commit are a dead writer's.
+            if (self._staging / COMMIT_DIR).exists():
+                shutil.rmtree(self._staging / COMMIT_DIR)
+            for leftover in self._staging.glob(f"{TEMP_PREFIX}*"):
+                leftover.unlink()
+            staged = {entry.name for entry in self._staging.iterdir()}
         for video_id, _ in self.plan.videos:
             path = self._staged_path(video_id)
-            if path.exists() and self._staged_record(path, video_id) is not None:
+            if path.name in staged and self._staged_record(path, video_id) is not None:
                 self.done_ids.add(video_id)
 
     def _staged_path(self, video_id: str) -> Path:
@@ -150,7 +186,7 @@ class PartitionWriter:
     def _staged_record(self, path: Path, video_id: str) -> dict[str, Any] | None:
         """The record of a staged video, or None (file removed) when it is unreadable."""
         try:
-            with np.load(path) as staged:
+            with _load_staged(path) as staged:
                 record = json.loads(str(staged["record"]))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             log.warning(
@@ -203,7 +239,7 @@ class PartitionWriter:
         record.update(status=OK, reason="")
         for layer, array in arrays.items():
             record[f"{layer}_length"] = array.shape[time_axis(layer)]
-            record[f"{layer}_sha256"] = checksum(array)
+            record[f"{layer}_checksum"] = checksum(array)
         self._stage(video_id, record, arrays)
 
     def add_failure(
@@ -226,7 +262,7 @@ class PartitionWriter:
         record.update(status=kind, reason=str(reason))
         for layer in LAYERS:
             record[f"{layer}_length"] = 0
-            record[f"{layer}_sha256"] = ""
+            record[f"{layer}_checksum"] = ""
         self._stage(video_id, record, {})
 
     def _stage(self, video_id: str, record: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -325,6 +361,9 @@ class PartitionWriter:
                 "are removed; rerun the extraction to redo them"
             )
         table = self._table(records)
+        if self._remote:
+            self._commit_remote(table)
+            return
         build = self._staging / COMMIT_DIR
         if build.exists():
             shutil.rmtree(build)
@@ -343,6 +382,59 @@ class PartitionWriter:
         self.complete = True
         self._store.refresh()
 
+    def _commit_remote(self, table: pd.DataFrame) -> None:
+        """Commit on object storage: build ``partitions/p/<attempt>/``, then create the marker
+        ``commits/p.json`` only if absent (see the module docstring)."""
+        attempt = f"{ATTEMPT_PREFIX}{uuid.uuid4().hex[:12]}"
+        folder = self._store.path / "partitions" / self.name
+        build = folder / attempt
+        try:
+            self._build_remote(build, table)
+        except FileNotFoundError:
+            # The staged videos vanished: another writer committed them and cleared staging.
+            if not self._store.is_complete(self.name):
+                raise
+            won = False
+        else:
+            marker = {"partition": self.name, "attempt": attempt, "videos": len(table)}
+            won = write_once(marker_path(self._store.path, self.name), json.dumps(marker).encode())
+        if won:  # the attempts of writers that died, or that lose to this one, are garbage
+            for entry in folder.iterdir():
+                if entry.name.startswith(ATTEMPT_PREFIX) and entry.name != attempt:
+                    remove_tree(entry)
+        else:
+            log.info(
+                "partition %s: another writer committed it first; %s dropped", self.name, attempt
+            )
+            remove_tree(build)
+        remove_tree(self._staging)
+        self.complete = True
+        self._store.refresh()
+
+    def _build_remote(self, build: StorePath, table: pd.DataFrame) -> None:
+        """The partition's group, manifest included, at ``build`` on object storage."""
+        store = zarr_store(build, read_only=False)
+        group = zarr.open_group(store=store, mode="w-", attributes={"partition": self.name})
+        ok = table.loc[table["status"] == OK, "id"].tolist()
+        with tempfile.TemporaryDirectory(prefix="astar-commit-") as local:
+            # Each layer is written from every video's staged file: fetch them once (in one
+            # concurrent call), not once a layer.
+            remote = [self._staged_path(video_id) for video_id in ok]
+            if remote:
+                fs = self._store.path.fs
+                fs.get([p.path for p in remote], [os.path.join(local, p.name) for p in remote])
+                missing = [p for p in remote if not os.path.exists(os.path.join(local, p.name))]
+                if missing:  # some fsspec backends skip absent sources instead of raising
+                    raise FileNotFoundError(str(missing[0]))
+            self._fetched = {v: Path(local, p.name) for v, p in zip(ok, remote, strict=True)}
+            try:
+                for layer in LAYERS:
+                    self._write_layer(group, layer, table)
+            finally:
+                self._fetched = {}
+        self._write_timestamps(group, table)
+        write_manifest(build / "manifest.csv", table)
+
     def _table(self, records: list[dict[str, Any]]) -> pd.DataFrame:
         """Manifest rows with each video's offsets in the concatenated arrays."""
         table = pd.DataFrame.from_records(records)
@@ -356,7 +448,8 @@ class PartitionWriter:
 
     def _pieces(self, table: pd.DataFrame, layer: str) -> Iterator[np.ndarray]:
         for video_id in table.loc[table["status"] == OK, "id"]:
-            with np.load(self._staged_path(video_id)) as staged:
+            path = self._fetched.get(video_id) or self._staged_path(video_id)
+            with _load_staged(path) as staged:
                 yield staged[layer]
 
     def _write_layer(self, group: zarr.Group, layer: str, table: pd.DataFrame) -> None:
@@ -365,7 +458,7 @@ class PartitionWriter:
         shape = self._schema.full_shape(layer, total)
         chunks = self._schema.full_shape(layer, length)
         names = DIMENSION_NAMES["fc7" if layer == "fc7" else "pool"]
-        array = _new_array(group, layer, shape, chunks, self._schema.dtype, names)
+        array = _new_array(group, layer, shape, chunks, self._schema.dtype, names, self.compression)
         pieces = self._pieces(table, layer)
         _write_along(array, pieces, time_axis(layer), length * CHUNKS_PER_WRITE, length)
 
@@ -374,9 +467,23 @@ class PartitionWriter:
         stamps = [np.asarray(t, dtype=np.float64) for t in table.loc[ok, "timestamps"]]
         total = sum(len(t) for t in stamps)
         chunk = max(1, min(TARGET_CHUNK_BYTES // 8, total))
-        array = _new_array(group, "timestamps", (total,), (chunk,), "float64", ("frame",))
+        array = _new_array(
+            group, "timestamps", (total,), (chunk,), "float64", ("frame",), self.compression
+        )
         if total:
             array[:] = np.concatenate(stamps)  # (frames_total,)
+
+
+def marker_path(root: StorePath, name: str) -> StorePath:
+    """On object storage: the object whose existence makes partition ``name`` complete."""
+    return root / COMMITS / f"{name}.json"
+
+
+def _load_staged(path: StorePath) -> Any:
+    """A staged video's npz, opened for reading (on object storage, fetched whole first)."""
+    if is_remote(path):
+        return np.load(io.BytesIO(path.read_bytes()))
+    return np.load(path)
 
 
 def _new_array(
@@ -386,13 +493,14 @@ def _new_array(
     chunks: tuple[int, ...],
     dtype: str,
     dimension_names: tuple[str, ...],
+    compression: str,
 ) -> zarr.Array:
     return group.create_array(
         name,
         shape=shape,
         chunks=chunks,
         dtype=dtype,
-        compressors=COMPRESSORS,
+        compressors=COMPRESSIONS[compression],
         # NaN, never a feature value: a lost chunk file reads as NaN, which verify catches,
         # instead of as plausible zeros. It also keeps zarr from skipping all-zero chunks.
         fill_value=np.nan,

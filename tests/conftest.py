@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -116,8 +117,10 @@ def tiny_corpus(tmp_path: Path):
     from astar.store.schema import Weights
     from astar.store.synthetic import synthetic_schema, write_videos
 
-    def _make(n_videos: int = 6, captions: int = 3, seed: int = 0, splits=("train",)):
-        root = tmp_path / f"corpus{seed}"
+    def _make(n_videos: int = 6, captions: int = 3, seed: int = 0, splits=("train",), store=None):
+        """``store``: where to write the features (a URL, e.g. on the test S3 server), else
+        ``<root>/store``."""
+        root = tmp_path / (f"corpus{seed}" + ("" if store is None else "-remote"))
         root.mkdir()
         rng = np.random.default_rng(seed)
         words = ["red", "blue", "ball", "box", "moves", "left", "right", "up", "spins"]
@@ -134,7 +137,8 @@ def tiny_corpus(tmp_path: Path):
         schema = synthetic_schema(
             TINY_SHAPES, backbone="tiny", weights=Weights(seed=seed), preprocessing="unit-rgb"
         )
-        store = FeatureStore.create_or_open(root / "store", schema)
+        location = store if store is not None else root / "store"
+        store = FeatureStore.create_or_open(location, schema)
 
         def make(vid: str) -> tuple[int, dict[str, np.ndarray]]:
             n_frames = 16 + 8 * (int(vid[1:]) % 3)  # 16, 24, 32: variable lengths
@@ -149,6 +153,56 @@ def tiny_corpus(tmp_path: Path):
         videos = [(f"v{k}", str(root / f"v{k}.mp4")) for k in range(n_videos)]
         write_videos(store, videos, make, partition_size=4)
         store.consolidate()
-        return root / "store", root / "dataset"
+        return store.path, root / "dataset"
 
     return _make
+
+
+# --------------------------------------------------------------------------------------------
+# A real S3 API on loopback: moto's server, for the stores on object storage
+
+
+S3_REGION = "eu-west-1"  # buckets are created with an explicit region, as S3 wants
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a free port), with the environment s3fs and botocore
+    read (credentials, region, ``AWS_ENDPOINT_URL``) set for this process and its children."""
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed")
+    server_module = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": S3_REGION,
+            "AWS_ENDPOINT_URL": endpoint,
+        }.items():
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(name, raising=False)
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A new, empty bucket on the loopback server; its name."""
+    import re
+    import uuid
+
+    import boto3
+
+    stem = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{stem}-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", region_name=S3_REGION, endpoint_url=s3_endpoint).create_bucket(
+        Bucket=name, CreateBucketConfiguration={"LocationConstraint": S3_REGION}
+    )
+    return name

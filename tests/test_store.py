@@ -166,7 +166,7 @@ def test_manifest_is_plain_csv_with_every_column(built):
     for column in ("id", "source", "status", "reason", "partition", *INFO_KEYS):
         assert column in table.columns, column
     for layer in LAYERS:
-        assert {f"{layer}_offset", f"{layer}_length", f"{layer}_sha256"} <= set(table.columns)
+        assert {f"{layer}_offset", f"{layer}_length", f"{layer}_checksum"} <= set(table.columns)
     assert table["id"].tolist() == [v for v, _ in corpus.videos]
     assert table["partition"].tolist() == ["p00000"] * 3 + ["p00001"] * 3 + ["p00002"]
     row = table.set_index("id").loc["vid005"]
@@ -533,16 +533,25 @@ def test_stale_locks_are_broken_and_foreign_ones_respected(tmp_path: Path):
     dead = multiprocessing.get_context("fork").Process(target=int)
     dead.start()
     dead.join()
+    zombie = os.fork()
+    if zombie == 0:  # the child exits at once; unreaped until waitpid below, it is a zombie
+        os._exit(0)
     me = LockOwner.me()
     stale_owners = [
         replace(me, pid=dead.pid),  # the holder died
         replace(me, start="1"),  # the pid is alive but was reused by another process
+        replace(me, pid=zombie, start=None),  # exited, its parent has not reaped it yet
     ]
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{zombie}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     for stale in stale_owners:
         lock.write_text(json.dumps(asdict(stale)))
         with store.partition_writer("p00000"):
             assert LockOwner(**json.loads(lock.read_text())) != stale
         assert not lock.exists()
+    os.waitpid(zombie, 0)
     foreign = replace(me, host=socket.gethostname() + "-elsewhere")
     lock.write_text(json.dumps(asdict(foreign)))
     with pytest.raises(PartitionLocked, match="another host"), store.partition_writer("p00000"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from astar.store.files import no_space_report
+from astar.store.location import store_argument
 from astar.train.loop import TrainConfig, TrainingError
 from astar.train.model import VARIANTS, CaptionerConfig
 from astar.train.params import FieldType, read_params, read_section
@@ -19,7 +20,10 @@ from astar.train.params import FieldType, read_params, read_section
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+    "--store",
+    required=True,
+    type=store_argument(exists=True),
+    help="Feature store: a directory or an fsspec URL (s3://bucket/store).",
 )
 @click.option(
     "--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)

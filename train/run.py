@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from astar.store.location import StorePath, store_path
 from astar.train.loop import TrainConfig, TrainingError, TrainState, init_distributed
 from astar.train.model import VARIANTS, Captioner, CaptionerConfig
 from astar.train.params import VALIDATION_METRICS
@@ -41,7 +42,7 @@ DERIVED_MODEL_FIELDS = ("vocab_size", "variant", "layer_channels", "fc_dim")
 class RunConfig:
     """Everything one training run needs; paths are the caller's, nothing is read from globals."""
 
-    store: Path  # the feature store (extract-features --out)
+    store: StorePath  # the feature store (extract-features --out): a directory or fsspec URL
     dataset: Path  # the prepared dataset directory (prepare-dataset --out)
     out: Path  # the run directory: checkpoints, config.json, metrics, curves
     variant: str = "soft"  # one of VARIANTS: fc7, pool2..pool5, soft, hard
@@ -54,8 +55,9 @@ class RunConfig:
     start: Literal["new", "resume", "resume-or-restart"] = "new"
 
     def __post_init__(self) -> None:
-        for name in ("store", "dataset", "out"):
+        for name in ("dataset", "out"):
             object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "store", store_path(self.store))
         if self.word_vectors is not None:
             object.__setattr__(self, "word_vectors", Path(self.word_vectors))
         problems = []

@@ -1,0 +1,129 @@
+"""The direct chunk reader (store/partition.py ChunkLayout) against zarr's own reads, both
+compressions, and the checksums of older stores (sha256) beside the new ones (XXH3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from astar.store import LAYERS, CorruptVideo, FeatureStore
+from astar.store.digest import algorithm_of, checksum, matches
+from astar.store.errors import StoreError
+from astar.store.geometry import BACKBONES
+from astar.store.partition import ChunkLayout, _read_block
+from astar.store.schema import time_axis
+from astar.store.synthetic import synthetic_schema, write_videos
+
+SCHEMA = synthetic_schema(
+    BACKBONES["c3d-tiny"].layer_shapes(), backbone="c3d-tiny", preprocessing="caffe-bgr-mean"
+)
+
+
+def _make(video_id: str) -> tuple[int, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(int(video_id[1:]))
+    n_frames = int(rng.integers(16, 200))
+    lengths = SCHEMA.expected_lengths(n_frames)
+    return n_frames, {
+        name: np.maximum(rng.standard_normal(SCHEMA.full_shape(name, lengths[name])), 0)
+        for name in LAYERS
+    }
+
+
+@pytest.fixture(params=["zstd", "none"])
+def store(request, tmp_path: Path) -> FeatureStore:
+    made = FeatureStore.create_or_open(tmp_path / "store", SCHEMA)
+    videos = [(f"v{k}", f"/videos/v{k}.mp4") for k in range(9)]
+    write_videos(made, videos, _make, partition_size=5, compression=request.param)
+    return FeatureStore.open(made.path)
+
+
+def test_direct_reads_equal_zarrs_for_every_span(store: FeatureStore):
+    for part in store._opened():
+        for name in (*LAYERS, "timestamps"):
+            array = part.array(name)
+            layout = part.layout(name)
+            assert layout is not None, f"{name}: the store's own layout must be read directly"
+            axis = time_axis(name)
+            total = array.shape[axis]
+            chunk = array.chunks[axis]
+            spans = [(0, total), (0, 1), (total - 1, total), (chunk - 1, chunk + 1)]
+            spans += [(1, max(2, total // 2)), (chunk, min(total, 3 * chunk))]
+            for low, high in spans:
+                if not 0 <= low < high <= total:
+                    continue
+                direct, lost = layout.read(low, high)
+                through_zarr, _ = _read_block(array, axis, low, high)
+                assert lost == {}
+                np.testing.assert_array_equal(direct, through_zarr, err_msg=f"{name} {low}:{high}")
+
+
+def test_videos_read_back_exactly(store: FeatureStore):
+    for video in store.read_batch(store.ids):
+        n_frames, expected = _make(video.id)
+        assert video.info["n_frames"] == n_frames
+        for name in LAYERS:
+            np.testing.assert_array_equal(
+                video.layers[name], expected[name].astype(SCHEMA.dtype), err_msg=name
+            )
+    assert store.verify() == []
+
+
+def test_uncompressed_chunks_are_raw_and_a_short_one_is_damage(tmp_path: Path):
+    made = FeatureStore.create_or_open(tmp_path / "store", SCHEMA)
+    write_videos(made, [("v1", "/v/1.mp4"), ("v2", "/v/2.mp4")], _make, 2, compression="none")
+    folder = made.path / "partitions" / "p00000" / "fc7"
+    meta = json.loads((folder / "zarr.json").read_text())
+    assert [codec["name"] for codec in meta["codecs"]] == ["bytes"]
+    chunk = folder / "c.0.0"
+    chunk.write_bytes(chunk.read_bytes()[:-2])
+    with pytest.raises(CorruptVideo, match=r"fc7: chunk c\.0\.0 unreadable \(ValueError"):
+        FeatureStore.open(made.path)["v1"]
+
+
+def test_an_array_of_another_layout_is_read_through_zarr(store: FeatureStore, monkeypatch):
+    part = store._opened()[0]
+    array = part.array("pool3")
+    assert ChunkLayout.of(array, part.path / "pool3", axis=0) is None  # chunked on another axis
+    monkeypatch.setattr(ChunkLayout, "of", classmethod(lambda cls, *args: None))
+    fresh = FeatureStore.open(store.path)
+    for video in fresh.read_batch(fresh.ids):
+        _, expected = _make(video.id)
+        np.testing.assert_array_equal(video.layers["pool3"], expected["pool3"].astype(SCHEMA.dtype))
+
+
+def test_unknown_compression_is_refused(tmp_path: Path):
+    made = FeatureStore.create_or_open(tmp_path / "store", SCHEMA)
+    made.plan([("v1", "/v/1.mp4")])
+    with pytest.raises(StoreError, match="compression 'lz9' is not one of"):
+        made.partition_writer("p00000", compression="lz9")
+
+
+def test_checksums_xxh3_for_new_videos_sha256_of_older_stores_still_checked(tmp_path: Path):
+    array = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    new = checksum(array)
+    assert new.startswith("xxh3:") and len(new) == 5 + 32 and algorithm_of(new) == "xxh3"
+    old = checksum(array, "sha256")
+    assert len(old) == 64 and algorithm_of(old) == "sha256"
+    assert matches(array, new) and matches(array, old)
+    assert not matches(array + 1, old) and not matches(array + 1, new)
+    # A store written before XXH3: <layer>_sha256 columns of bare sha256 digests.
+    made = FeatureStore.create_or_open(tmp_path / "store", SCHEMA)
+    write_videos(made, [("v1", "/v/1.mp4"), ("v2", "/v/2.mp4")], _make, 2)
+    manifest = made.path / "partitions" / "p00000" / "manifest.csv"
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    for name in LAYERS:
+        table[f"{name}_checksum"] = [
+            checksum(_make(v)[1][name].astype(SCHEMA.dtype), "sha256") for v in table["id"]
+        ]
+    table = table.rename(columns={f"{name}_checksum": f"{name}_sha256" for name in LAYERS})
+    table.to_csv(manifest, index=False)
+    legacy = FeatureStore.open(made.path)
+    assert legacy.verify() == [] and len(legacy.read_batch(["v1", "v2"])) == 2
+    table.loc[0, "pool5_sha256"] = "0" * 64
+    table.to_csv(manifest, index=False)
+    with pytest.raises(CorruptVideo, match="pool5: checksum mismatch"):
+        FeatureStore.open(made.path)["v1"]
