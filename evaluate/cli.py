@@ -9,7 +9,7 @@ import click
 
 from astar.evaluate.report import markdown_table
 from astar.pipelines.metrics import TABLE_METRICS
-from astar.store.location import store_argument
+from astar.store.location import local_only, store_argument
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -49,7 +49,9 @@ def _say(line: str) -> None:
 @click.option("--max-length", default=30, show_default=True)
 @click.option("--length-penalty", default=0.0, show_default=True)
 @click.option("--batch-videos", default=32, show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), callback=local_only
+)
 @click.option("--name", default=None, help="Row name in the table (default: the variant).")
 @click.option(
     "--figures", default=0, show_default=True, help="Attention pictures of the first N videos."

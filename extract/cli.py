@@ -61,6 +61,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
 )
 @click.option("--partition-size", default=64, show_default=True, help="Videos per partition.")
 @click.option(
+    "--compression",
+    type=click.Choice(["zstd", "none"]),
+    default="zstd",
+    show_default=True,
+    help="Of the stored arrays: zstd stores about 1.6x fewer bytes; none reads faster where "
+    "decompression is the bottleneck (see benchmarks/bench_store_read.py).",
+)
+@click.option(
     "--ids",
     type=click.Choice(["stem", "name"]),
     default="stem",
@@ -103,6 +111,7 @@ def main(
     clip_batch: int,
     dtype: str,
     partition_size: int,
+    compression: str,
     ids: str,
     workers: int,
     dask_address: str | None,
@@ -145,6 +154,7 @@ def main(
         clip_batch=clip_batch,
         dtype=dtype,
         partition_size=partition_size,
+        compression=compression,
         ids=ids,
         workers=workers,
         dask=dask_address,

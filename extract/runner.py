@@ -94,6 +94,7 @@ class ExtractConfig:
     clip_batch: int = 8  # fc7 clips per C3D forward
     dtype: str = "float16"  # storage dtype of the features
     partition_size: int = 64  # videos per partition (a partition is written whole by one worker)
+    compression: str = "zstd"  # of the stored arrays: zstd (about 1.6x fewer bytes) or none
     ids: str = "stem"  # video ids from file names: "stem" (no extension) or "name"
     workers: int = 1  # local worker processes; 1 = extract in this process
     dask: str | None = None  # Dask scheduler address, or "local" for a local Dask cluster
@@ -323,7 +324,7 @@ def extract_partition(
             summary.failed[status] = summary.failed.get(status, 0) + 1
         on_video(video_id, status)
 
-    with store.partition_writer(partition.name) as writer:
+    with store.partition_writer(partition.name, config.compression) as writer:
         todo = [(vid, src) for vid, src in partition.videos if vid not in writer.done_ids]
         for vid, _ in partition.videos:
             if vid in writer.done_ids:

@@ -316,7 +316,7 @@ class FeatureStore:
 
     def __contains__(self, video_id: object) -> bool:
         found = self._find(video_id)
-        return found is not None and found[0].table["status"].iat[found[1]] == OK
+        return found is not None and found[0].statuses[found[1]] == OK
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.ids)
@@ -338,7 +338,7 @@ class FeatureStore:
         if found is None:
             raise VideoNotFound(self._missing_message(video_id))
         part, row = found
-        status = part.table["status"].iat[row]
+        status = part.statuses[row]
         if status != OK:
             reason = part.table["reason"].iat[row]
             raise VideoNotFound(f"video {video_id!r} failed during extraction ({status}): {reason}")

@@ -74,6 +74,22 @@ def store_argument(exists: bool = False) -> Any:
     return StoreLocation()
 
 
+def local_only(ctx: Any, param: Any, value: Any) -> Any:
+    """A click callback refusing a URL where only a local (or mounted) path will do: click's
+    Path would quietly turn ``s3://bucket/run`` into the relative directory ``s3:/bucket/run``."""
+    import click
+
+    text = "" if value is None else os.fspath(value)
+    if "://" in text or text.split("/", 1)[0].endswith(":"):
+        raise click.BadParameter(
+            f"{text!r}: a URL; this must be a local or mounted path (only the feature store "
+            "may be at a URL)",
+            ctx,
+            param,
+        )
+    return value
+
+
 def is_remote(path: object) -> bool:
     """True for a location on a fsspec filesystem (UPath), False for a local path."""
     return not isinstance(path, (Path, str, os.PathLike)) and hasattr(path, "fs")
@@ -131,6 +147,7 @@ __all__ = [
     "StorePath",
     "forget_listings",
     "is_remote",
+    "local_only",
     "put",
     "remove_tree",
     "store_argument",

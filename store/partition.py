@@ -16,6 +16,7 @@ any other way is read through zarr.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -38,6 +39,9 @@ from astar.store.schema import time_axis
 # Threads decompressing the chunks and hashing the videos of a read (zstd and xxhash release
 # the GIL). More than the cores gains nothing; a single chunk or video is done where it is read.
 HASH_THREADS = min(4, os.cpu_count() or 1)
+# Below this many bytes a read's chunks are done on the reader's thread: handing them to the
+# pool costs about 0.3 ms of wake-ups, as much as reading a few MB (bench_store_read.py).
+PARALLEL_BYTES = 4 << 20
 _hashers: ThreadPoolExecutor | None = None  # made on first use
 _hashers_lock = threading.Lock()
 
@@ -68,6 +72,7 @@ class PartitionReader:
         self.path = path  # the folder of its arrays and manifest
         self.table = read_manifest(path / "manifest.csv")
         self.rows = {video_id: row for row, video_id in enumerate(self.table["id"])}
+        self.statuses: list[str] = self.table["status"].tolist()  # row -> ok or failure kind
         self.offsets = {
             name: self.table[f"{name}_offset"].to_numpy(np.int64) for name in SPAN_NAMES
         }  # array -> (videos,)
@@ -183,7 +188,7 @@ def checksums(arrays: Sequence[np.ndarray], like: Sequence[str]) -> list[str]:
     """:func:`~astar.store.digest.checksum` of each array with the algorithm of the digest
     ``like`` it is compared with, several at a time on a few threads."""
     algorithms = [algorithm_of(digest) for digest in like]
-    if len(arrays) < 2 or HASH_THREADS < 2:
+    if len(arrays) < 2 or HASH_THREADS < 2 or sum(a.nbytes for a in arrays) < PARALLEL_BYTES:
         return [checksum(a, algorithm) for a, algorithm in zip(arrays, algorithms, strict=True)]
     return list(_hash_pool().map(checksum, arrays, algorithms))
 
@@ -249,7 +254,12 @@ class ChunkLayout:
             key = self.keys[index]
             start, stop = max(low, index * length), min(high, (index + 1) * length)
             target = block[_along(self.axis, start - low, stop - low)]
+            offset = index * length
             try:
+                if remote is None and self.codec is None and self._read_into(
+                    key, target, start - offset, stop - offset
+                ):
+                    return
                 chunk = self._chunk(key, remote)
             except MissingChunk as error:
                 lost[index], target[...] = str(error), np.nan
@@ -258,10 +268,9 @@ class ChunkLayout:
                 lost[index] = f"chunk {key} unreadable ({type(error).__name__}: {error})"
                 target[...] = np.nan
                 return
-            offset = index * length
             target[...] = chunk[_along(self.axis, start - offset, stop - offset)]
 
-        if len(indices) > 1 and HASH_THREADS > 1:
+        if len(indices) > 1 and HASH_THREADS > 1 and block.nbytes >= PARALLEL_BYTES:
             list(_hash_pool().map(place, indices))
         else:
             for index in indices:
@@ -304,6 +313,44 @@ class ChunkLayout:
                         raise ValueError("chunk file shorter than its size")
                     self.codec.decode(packed, out=plain)
         return plain.view(self.dtype).reshape(self.chunks)
+
+    def _read_into(self, key: str, target: np.ndarray, first: int, last: int) -> bool:
+        """Read steps ``first:last`` of uncompressed local chunk ``key`` straight into
+        ``target``: one ``preadv`` where they are one range of the file (the one copy
+        ``np.load`` makes too), else (part of a pool layer's chunk) through a memory map, which
+        touches only those bytes. False if ``target`` cannot be written in place."""
+        pre = self.chunks[: self.axis]  # axes before time: (C,) for a pool layer
+        step = math.prod(self.chunks[self.axis + 1 :]) * self.dtype.itemsize  # bytes a step
+        whole = math.prod(self.chunks) * self.dtype.itemsize
+        try:
+            descriptor = os.open(os.path.join(self.folder, key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise MissingChunk(key) from None
+        try:
+            if os.fstat(descriptor).st_size != whole:
+                raise ValueError(f"chunk file is not {whole} bytes")
+            if pre and (first, last) != (0, self.chunks[self.axis]):
+                # Part of every channel's run: map the file and copy just those bytes (reading
+                # the whole chunk would cost a copy of all of it for a few steps).
+                mapped = mmap.mmap(descriptor, whole, access=mmap.ACCESS_READ)
+                try:
+                    chunk = np.frombuffer(mapped, self.dtype).reshape(self.chunks)
+                    target[...] = chunk[_along(self.axis, first, last)]
+                    del chunk
+                finally:
+                    mapped.close()
+                return True
+            # Each piece is one row of ``target`` before the time axis (all of it for fc7).
+            rows = target.reshape(math.prod(pre), -1) if pre else target.reshape(1, -1)
+            if not np.may_share_memory(rows, target):  # reshape had to copy: not in place
+                return False
+            pieces = [memoryview(row).cast("B") for row in rows]
+            wanted = sum(piece.nbytes for piece in pieces)
+            if os.preadv(descriptor, pieces, first * step) != wanted:
+                raise ValueError("chunk file shorter than its size")
+        finally:
+            os.close(descriptor)
+        return True
 
     def _fetch_remote(self, keys: list[str]) -> dict[str, bytes | None]:
         """Each chunk object's bytes (None where it does not exist), in one concurrent call."""

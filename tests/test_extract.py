@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -174,6 +175,21 @@ def test_workers_give_the_same_store(clips: Path, tmp_path: Path):
     result = CliRunner().invoke(extract_cli, [*base, "--out", str(two), "--workers", "2"])
     assert result.exit_code == 0, result.output
     _assert_same_store(one, two)
+
+
+def test_uncompressed_store_holds_the_same_features(clips: Path, tmp_path: Path):
+    zstd, none = tmp_path / "zstd", tmp_path / "none"
+    base = [str(clips), *SMALL, "--partition-size", "4"]
+    assert CliRunner().invoke(extract_cli, [*base, "--out", str(zstd)]).exit_code == 0
+    result = CliRunner().invoke(extract_cli, [*base, "--out", str(none), "--compression", "none"])
+    assert result.exit_code == 0, result.output
+    _assert_same_store(zstd, none)
+
+    def codecs(store: Path) -> list[str]:
+        meta = json.loads((store / "partitions/p00000/pool2/zarr.json").read_text())
+        return [codec["name"] for codec in meta["codecs"]]
+
+    assert codecs(zstd) == ["bytes", "zstd"] and codecs(none) == ["bytes"]
 
 
 @pytest.mark.slow

@@ -264,3 +264,20 @@ def _trace(result) -> str:
     import traceback
 
     return "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+
+
+def test_a_url_as_run_or_evaluation_folder_is_refused(tiny_corpus, tmp_path: Path):
+    from astar.evaluate.cli import evaluate_captioner
+    from astar.train.cli import main as train_cli
+
+    store, dataset = tiny_corpus()
+    common = ["--store", str(store), "--dataset", str(dataset)]
+    trained = CliRunner().invoke(train_cli, [*common, "--out", "s3://bucket/run"])
+    assert trained.exit_code == 2 and "only the feature store may be at a URL" in trained.output
+    assert not Path("s3:").exists()
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"")
+    evaluated = CliRunner().invoke(
+        evaluate_captioner, ["--checkpoint", str(checkpoint), *common, "--out", "s3://b/eval"]
+    )
+    assert evaluated.exit_code == 2 and "a URL" in evaluated.output

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from astar.store.files import no_space_report
-from astar.store.location import store_argument
+from astar.store.location import local_only, store_argument
 from astar.train.loop import TrainConfig, TrainingError
 from astar.train.model import VARIANTS, CaptionerConfig
 from astar.train.params import FieldType, read_params, read_section
@@ -29,7 +29,11 @@ from astar.train.params import FieldType, read_params, read_section
     "--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
 )
 @click.option(
-    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory."
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    callback=local_only,
+    help="Run directory (a local or mounted path).",
 )
 @click.option("--variant", type=click.Choice(VARIANTS), default="soft", show_default=True)
 @click.option(
