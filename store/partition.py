@@ -256,8 +256,10 @@ class ChunkLayout:
             target = block[_along(self.axis, start - low, stop - low)]
             offset = index * length
             try:
-                if remote is None and self.codec is None and self._read_into(
-                    key, target, start - offset, stop - offset
+                if (
+                    remote is None
+                    and self.codec is None
+                    and self._read_into(key, target, start - offset, stop - offset)
                 ):
                     return
                 chunk = self._chunk(key, remote)
