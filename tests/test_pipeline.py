@@ -133,3 +133,32 @@ def test_a_training_parameter_reruns_only_training_evaluation_and_report(
         config = json.loads((run / "config.json").read_text())
         assert config["train"]["learning_rate"] == 0.001
         assert len((run / "metrics/val.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_store_on_s3_through_params(tmp_path_factory, s3_bucket: str) -> None:
+    """store_root: s3://... puts the pipeline's store on object storage: extraction writes it
+    there (nothing on the local disk), training reads it, and DVC tracks it as an output."""
+    pytest.importorskip("dvc_s3", reason="DVC needs dvc-s3 for outputs on S3")
+    from astar.store import FeatureStore
+
+    project = tmp_path_factory.mktemp("pipeline-s3")
+    for name in CODE:
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "weights", project / "data" / "weights")
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    _dvc(project, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
+    _tiny_params(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["store_root"] = f"s3://{s3_bucket}/astar"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    ran = _ran(_dvc(project, "repro", f"train@fc7-{SEED}"))
+    assert {"extract", f"train@fc7-{SEED}"} <= ran
+    store = FeatureStore.open(f"s3://{s3_bucket}/astar/demo/features")
+    assert len(store) == 12 and store.verify() == []
+    assert not (project / "out/demo/features").exists()
+    config = json.loads((project / f"out/demo/runs/fc7/seed{SEED}/config.json").read_text())
+    assert config["store"] == f"s3://{s3_bucket}/astar/demo/features"
+    assert _ran(_dvc(project, "repro", f"train@fc7-{SEED}")) == set()  # tracked: up to date
