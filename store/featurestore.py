@@ -82,7 +82,7 @@ class FeatureStore:
     are in :attr:`manifest` with their status and reason.
 
     Every video read is checked: a lost chunk or undecodable chunk, or values that differ from
-    the sha256 recorded at write time, raise :class:`CorruptVideo` naming each damaged video of
+    the checksum recorded at write time, raise :class:`CorruptVideo` naming each damaged video of
     the request. ``verify=False`` skips the checksums (a lost chunk is still an error, never a
     fill value); their cost is measured by ``benchmarks/bench_store_read.py``.
 
@@ -98,7 +98,7 @@ class FeatureStore:
         self.path = path  # a local directory, or a UPath (see astar.store.location)
         self.remote = is_remote(path)
         self.schema = schema
-        self.verify_reads = verify  # check each video read against its recorded sha256
+        self.verify_reads = verify  # check each video read against its recorded checksum
         self._partitions: dict[str, PartitionReader] = {}  # complete partitions opened so far
         self._index: dict[str, tuple[PartitionReader, int]] | None = None  # id -> (partition, row)
 

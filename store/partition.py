@@ -198,7 +198,7 @@ def _hash_pool() -> ThreadPoolExecutor:
     global _hashers
     with _hashers_lock:
         if _hashers is None:
-            _hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="astar-sha256")
+            _hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="astar-reader")
         return _hashers
 
 
