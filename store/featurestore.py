@@ -53,7 +53,7 @@ from astar.store.location import (
     zarr_store,
 )
 from astar.store.manifest import OK, empty_manifest, write_manifest
-from astar.store.partition import PartitionReader, damage_text
+from astar.store.partition import PartitionReader, damage_text, in_parallel, reader_pool
 from astar.store.plan import PartitionPlan, extend_plan, read_plan, write_plan
 from astar.store.report import VerifyReport, verify_store
 from astar.store.schema import StoreSchema
@@ -388,15 +388,26 @@ class FeatureStore:
         arrays: list[dict[str, np.ndarray]] = [{} for _ in ids]
         # (video id, partition) -> layer -> what is wrong with it
         damaged: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-        for positions in by_partition.values():
-            part = located[positions[0]][0]
-            rows = [located[p][1] for p in positions]
-            for layer in chosen:
-                data, lost = part.read_layer(layer, rows, verify=self.verify_reads)
-                for k, why in lost.items():
-                    damaged[ids[positions[k]], part.name][layer] = why
-                for position, array in zip(positions, data, strict=True):
-                    arrays[position][layer] = array  # type: ignore[assignment]  # None if lost
+        tasks = [  # (positions in ids, their partition, rows there, layer): one read each
+            (positions, located[positions[0]][0], [located[p][1] for p in positions], layer)
+            for positions in by_partition.values()
+            for layer in chosen
+        ]
+
+        def read(task) -> tuple[list[np.ndarray | None], dict[int, str]]:
+            _, part, rows, layer = task
+            return part.read_layer(layer, rows, verify=self.verify_reads)
+
+        wanted = sum(part.nbytes(layer, rows) for _, part, rows, layer in tasks)
+        if len(tasks) > 1 and in_parallel(wanted):
+            results = list(reader_pool().map(read, tasks))  # I/O and copies overlap
+        else:
+            results = [read(task) for task in tasks]
+        for (positions, part, _, layer), (data, lost) in zip(tasks, results, strict=True):
+            for k, why in lost.items():
+                damaged[ids[positions[k]], part.name][layer] = why
+            for position, array in zip(positions, data, strict=True):
+                arrays[position][layer] = array  # type: ignore[assignment]  # None if lost
         if damaged:
             raise CorruptVideo(
                 {video_id: damage_text(name, wrong) for (video_id, name), wrong in damaged.items()},

@@ -48,8 +48,8 @@ _hashers_lock = threading.Lock()
 
 def _forget_hashers() -> None:
     """In a forked child: the parent's threads did not come along, nor may its lock's state."""
-    global _hashers, _hashers_lock
-    _hashers, _hashers_lock = None, threading.Lock()
+    global _hashers, _readers, _hashers_lock
+    _hashers, _readers, _hashers_lock = None, None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_hashers)
@@ -85,6 +85,7 @@ class PartitionReader:
         self._arrays: dict[str, zarr.Array] = {}
         self._layouts: dict[str, ChunkLayout | None] = {}  # None: read through zarr
         self._records: list[dict[str, Any]] | None = None  # the manifest's rows, made on use
+        self._step_bytes: dict[str, int] = {}  # array -> bytes of one time step
 
     def array(self, name: str) -> zarr.Array:
         """Array ``name``, opened so that reading a lost chunk raises :class:`MissingChunk`."""
@@ -96,6 +97,18 @@ class PartitionReader:
                     f"{self.path / name}: cannot open array ({error}); see inspect-store --verify"
                 ) from error
         return self._arrays[name]
+
+    def nbytes(self, name: str, rows: Sequence[int]) -> int:
+        """Bytes of array ``name`` that ``rows`` span (what reading them returns)."""
+        if name not in self._step_bytes:
+            try:
+                array = self.array(name)
+            except StoreError:  # unreadable: read_spans reports it, as damage of every row
+                return 0
+            axis = time_axis(name)
+            per = math.prod(d for k, d in enumerate(array.shape) if k != axis)
+            self._step_bytes[name] = per * np.dtype(array.dtype).itemsize
+        return int(self.lengths[name][list(rows)].sum()) * self._step_bytes[name]
 
     def layout(self, name: str) -> ChunkLayout | None:
         """How to read array ``name``'s chunks directly, or None if zarr must read them."""
@@ -188,9 +201,27 @@ def checksums(arrays: Sequence[np.ndarray], like: Sequence[str]) -> list[str]:
     """:func:`~astar.store.digest.checksum` of each array with the algorithm of the digest
     ``like`` it is compared with, several at a time on a few threads."""
     algorithms = [algorithm_of(digest) for digest in like]
-    if len(arrays) < 2 or HASH_THREADS < 2 or sum(a.nbytes for a in arrays) < PARALLEL_BYTES:
+    if len(arrays) < 2 or not in_parallel(sum(a.nbytes for a in arrays)):
         return [checksum(a, algorithm) for a, algorithm in zip(arrays, algorithms, strict=True)]
     return list(_hash_pool().map(checksum, arrays, algorithms))
+
+
+_readers: ThreadPoolExecutor | None = None  # the layers of a batch read side by side
+
+
+def in_parallel(nbytes: int) -> bool:
+    """Whether work on ``nbytes`` bytes is worth handing to threads (see PARALLEL_BYTES)."""
+    return HASH_THREADS > 1 and nbytes >= PARALLEL_BYTES
+
+
+def reader_pool() -> ThreadPoolExecutor:
+    """Threads reading the (partition, layer) pieces of a batch side by side. A pool of its
+    own: its tasks wait on the chunk and hashing pool's, which never waits on them."""
+    global _readers
+    with _hashers_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="astar-batch")
+        return _readers
 
 
 def _hash_pool() -> ThreadPoolExecutor:
@@ -272,7 +303,7 @@ class ChunkLayout:
                 return
             target[...] = chunk[_along(self.axis, start - offset, stop - offset)]
 
-        if len(indices) > 1 and HASH_THREADS > 1 and block.nbytes >= PARALLEL_BYTES:
+        if len(indices) > 1 and in_parallel(block.nbytes):
             list(_hash_pool().map(place, indices))
         else:
             for index in indices:
@@ -334,7 +365,9 @@ class ChunkLayout:
             if pre and (first, last) != (0, self.chunks[self.axis]):
                 # Part of every channel's run: map the file and copy just those bytes (reading
                 # the whole chunk would cost a copy of all of it for a few steps).
-                mapped = mmap.mmap(descriptor, whole, access=mmap.ACCESS_READ)
+                # MAP_POPULATE: the pages mapped in one call, not one fault at a time.
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                mapped = mmap.mmap(descriptor, whole, flags=flags, prot=mmap.PROT_READ)
                 try:
                     chunk = np.frombuffer(mapped, self.dtype).reshape(self.chunks)
                     target[...] = chunk[_along(self.axis, first, last)]

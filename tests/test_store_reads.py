@@ -127,3 +127,23 @@ def test_checksums_xxh3_for_new_videos_sha256_of_older_stores_still_checked(tmp_
     table.to_csv(manifest, index=False)
     with pytest.raises(CorruptVideo, match="pool5: checksum mismatch"):
         FeatureStore.open(made.path)["v1"]
+
+
+def test_batches_read_in_parallel_name_every_damaged_video(store: FeatureStore, monkeypatch):
+    """Layers and partitions read side by side (forced even for small reads): the same arrays,
+    and a lost chunk still damages exactly the videos over it."""
+    from astar.store import partition
+
+    monkeypatch.setattr(partition, "HASH_THREADS", 2)
+    monkeypatch.setattr(partition, "PARALLEL_BYTES", 0)
+    fresh = FeatureStore.open(store.path)
+    for video in fresh.read_batch(fresh.ids):
+        _, expected = _make(video.id)
+        for name in LAYERS:
+            np.testing.assert_array_equal(video.layers[name], expected[name].astype(SCHEMA.dtype))
+    chunk = store.path / "partitions" / "p00001" / "pool4" / "c.0.0.0.0"
+    chunk.unlink()
+    with pytest.raises(CorruptVideo) as raised:
+        FeatureStore.open(store.path).read_batch(fresh.ids)
+    assert sorted(raised.value.videos) == ["v5", "v6", "v7", "v8"]
+    assert all("pool4: chunk c.0.0.0.0 missing" in why for why in raised.value.videos.values())
