@@ -246,9 +246,11 @@ def _read_in_child(path: str, ids: list[str], done) -> None:
 def test_reads_hash_on_threads_that_a_forked_child_remakes(damaged, monkeypatch):
     path, _ = damaged
     monkeypatch.setattr(partition_module, "HASH_THREADS", 2)  # threads even on one core
+    monkeypatch.setattr(partition_module, "PARALLEL_BYTES", 0)  # and for these small reads
     store = FeatureStore.open(path)
     store.read_batch(["v0", "v1", "v2"])
     assert partition_module._hashers is not None  # the parent's hashing threads exist
+    assert partition_module._readers is not None  # and its batch readers
     context = multiprocessing.get_context("fork")
     done = context.Queue()
     child = context.Process(target=_read_in_child, args=(str(path), ["v0", "v1", "v2"], done))
