@@ -4,8 +4,8 @@
 
 Builds stores with the paper's C3D shapes in float16 (pool2 (128, T/2, 28, 28) ... fc7 (clips,
 4096)), 32-128 frames per video, ReLU-like random values (half zeros, so zstd compresses them
-about as it does real features), once zstd-compressed (the default) and once uncompressed
-(``--compression none``), and writes every video's every layer to its own ``.npy`` file on the
+about as it does real features), once zstd-compressed (the default at a URL) and once uncompressed
+(the default on a local disk), and writes every video's every layer to its own ``.npy`` file on the
 same disk. Then, interleaved in one process so that the ratios hold on a noisy shared machine:
 
 * one video's layer at a time, in random order: ``store.get(id, [layer])`` against

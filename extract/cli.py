@@ -62,11 +62,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @click.option("--partition-size", default=64, show_default=True, help="Videos per partition.")
 @click.option(
     "--compression",
-    type=click.Choice(["zstd", "none"]),
-    default="zstd",
+    type=click.Choice(["auto", "zstd", "none"]),
+    default="auto",
     show_default=True,
-    help="Of the stored arrays: zstd stores about 1.6x fewer bytes; none reads faster where "
-    "decompression is the bottleneck (see benchmarks/bench_store_read.py).",
+    help="Of the stored arrays: zstd stores about 1.6x fewer bytes, none reads 4-6x faster "
+    "(benchmarks/bench_store_read.py); auto: none on a local disk, zstd at a URL.",
 )
 @click.option(
     "--ids",

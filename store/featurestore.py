@@ -243,8 +243,9 @@ class FeatureStore:
     ) -> PartitionWriter:
         """A writer for planned partition ``name``; enter it (``with``) to take its lock.
 
-        ``compression``: ``zstd`` (default) or ``none``, see ``writer.COMPRESSIONS``; readers
-        take each array as it was written, so partitions may differ. Works in any process that
+        ``compression``: ``auto`` (none on a local disk, zstd on object storage), ``zstd`` or
+        ``none``, see ``writer.COMPRESSIONS``; readers take each array as it was written, so
+        partitions may differ. Works in any process that
         opened the same path. :class:`PartitionLocked` on entering while a live process holds it.
         """
         plans = {part.name: part for part in self.partitions}

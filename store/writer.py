@@ -69,8 +69,22 @@ TARGET_CHUNK_BYTES = 1 << 20
 # core); blosc-lz4 was faster but compressed only 1.09x, and no compression doubles the bytes.
 # "none" trades those bytes for reads: zstd decompresses at about 0.5 GB/s a core on the 2-core
 # EPYC of benchmarks/bench_store_read.py, which bounds a read of the big pool2 layer there.
+# "auto" (the default) picks by where the store is: on a local disk read speed counts (none:
+# reads at 0.5-1x np.load there, zstd at 0.1-0.25x), on object storage bytes do (transfer and
+# storage are paid by the byte, and each request's latency dwarfs decompression).
 COMPRESSIONS = {"zstd": (ZstdCodec(level=1),), "none": ()}
-DEFAULT_COMPRESSION = "zstd"
+DEFAULT_COMPRESSION = "auto"
+
+
+def resolve_compression(choice: str, remote: bool) -> str:
+    """``zstd`` or ``none`` for ``choice`` (``auto``: zstd on object storage, else none)."""
+    if choice == "auto":
+        return "zstd" if remote else "none"
+    if choice not in COMPRESSIONS:
+        raise StoreError(f"compression {choice!r} is not one of {['auto', *COMPRESSIONS]}")
+    return choice
+
+
 CHUNKS_PER_WRITE = 16  # chunks encoded per zarr write call at commit (bounded memory)
 COMMIT_DIR = ".commit"  # under staging/<partition>/: the partition being built
 COMMITS = "commits"  # on object storage: commits/<partition>.json, the marker written last
@@ -122,9 +136,8 @@ class PartitionWriter:
     def __init__(
         self, store: WritableStore, plan: PartitionPlan, compression: str = DEFAULT_COMPRESSION
     ):
-        if compression not in COMPRESSIONS:
-            raise StoreError(f"compression {compression!r} is not one of {list(COMPRESSIONS)}")
-        self.compression = compression  # of the arrays this writer commits (see COMPRESSIONS)
+        # Of the arrays this writer commits: zstd or none (see COMPRESSIONS).
+        self.compression = resolve_compression(compression, is_remote(store.path))
         self.plan = plan
         self.name = plan.name
         self.done_ids: set[str] = set()  # videos staged (ok or failed) or already committed

@@ -213,6 +213,12 @@ def test_extract_into_s3_equals_local_and_inspects(clips: Path, s3_bucket: str, 
     assert remote.exit_code == 0, remote.output
     assert "ok 4" in remote.output
     _assert_same_store(tmp_path / "local", url)
+    meta = json.loads(
+        next(
+            (FeatureStore.open(url).complete_partitions()["p00000"] / "pool2").glob("zarr.json")
+        ).read_text()
+    )
+    assert [codec["name"] for codec in meta["codecs"]] == ["bytes", "zstd"]  # auto at a URL
     _same_contents(FeatureStore.open(tmp_path / "local"), FeatureStore.open(url))
     # A rerun finds everything done, as on a local disk.
     again = CliRunner().invoke(extract_cli, [*base, "--out", url])
