@@ -287,3 +287,20 @@ def test_a_url_as_run_or_evaluation_folder_is_refused(tiny_corpus, tmp_path: Pat
         evaluate_captioner, ["--checkpoint", str(checkpoint), *common, "--out", "s3://b/eval"]
     )
     assert evaluated.exit_code == 2 and "a URL" in evaluated.output
+
+
+@pytest.mark.slow
+def test_real_clips_extracted_into_s3_equal_a_local_extraction(
+    real_videos: list[Path], s3_bucket: str, tmp_path: Path
+):
+    """The real clips of ../shared/data, extracted into the loopback S3 server and onto the
+    local disk with the same settings: the same manifest and the same arrays."""
+    url = f"s3://{s3_bucket}/real"
+    base = [*map(str, real_videos), "--backbone", "c3d-tiny", "--ids", "name", "--quiet"]
+    base += ["--partition-size", "5"]
+    for out in (str(tmp_path / "local"), url):
+        result = CliRunner().invoke(extract_cli, [*base, "--out", out])
+        assert result.exit_code == 0, result.output
+    local, remote = FeatureStore.open(tmp_path / "local"), FeatureStore.open(url)
+    assert len(remote) == len(real_videos) == 12 and remote.verify() == []
+    _same_contents(local, remote)
