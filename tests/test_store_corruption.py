@@ -61,7 +61,8 @@ def make_features(schema: StoreSchema, n_frames: int, seed: int) -> tuple[dict, 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """8 videos in 2 partitions of 4, arrays of several small chunks; their features."""
+    """8 videos in 2 partitions of 4, arrays of several small chunks, zstd-compressed (what a
+    codec refuses is tested here; raw chunks in test_store_reads.py); their features."""
     schema = make_schema()
     videos = [(f"v{k}", f"/videos/v{k}.mp4") for k in range(8)]
     data = {vid: make_features(schema, FRAMES[k % 4], k) for k, (vid, _) in enumerate(videos)}
@@ -70,7 +71,7 @@ def template(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(writer_module, "TARGET_CHUNK_BYTES", CHUNK_BYTES)
         for part in store.plan(videos, partition_size=4):
-            with store.partition_writer(part.name) as writer:
+            with store.partition_writer(part.name, compression="zstd") as writer:
                 for vid, source in part.videos:
                     writer.add(vid, source, *data[vid])
                 writer.commit()

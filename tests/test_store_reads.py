@@ -147,3 +147,24 @@ def test_batches_read_in_parallel_name_every_damaged_video(store: FeatureStore, 
         FeatureStore.open(store.path).read_batch(fresh.ids)
     assert sorted(raised.value.videos) == ["v5", "v6", "v7", "v8"]
     assert all("pool4: chunk c.0.0.0.0 missing" in why for why in raised.value.videos.values())
+
+
+def test_flipped_bytes_are_caught_by_the_codec_or_the_checksum(store: FeatureStore):
+    """zstd refuses a damaged frame; raw bytes decode to anything, and the checksum says so."""
+    part = store._opened()[1]
+    chunk = part.path / "pool3" / "c.0.0.0.0"
+    raw = bytearray(chunk.read_bytes())
+    for k in range(8, len(raw), 5):
+        raw[k] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    fresh = FeatureStore.open(store.path)
+    with pytest.raises(CorruptVideo) as error:
+        fresh.read_batch(fresh.ids)
+    compressed = part.layout("pool3").codec is not None
+    expected = "chunk c.0.0.0.0 unreadable (" if compressed else "checksum mismatch"
+    assert error.value.videos and all(
+        why.startswith(f"partition p00001, pool3: {expected}")
+        for why in error.value.videos.values()
+    )
+    report = FeatureStore.open(store.path).verify_report()
+    assert set(report.damaged) == set(error.value.videos)
