@@ -236,7 +236,8 @@ class FeatureStore:
 
     def pending(self) -> list[PartitionPlan]:
         """Planned partitions not complete yet (never started, staged, or killed mid-commit)."""
-        return [part for part in self.partitions if not self.is_complete(part.name)]
+        done = self.complete_partitions()  # one listing, not a request per partition
+        return [part for part in self.partitions if part.name not in done]
 
     def partition_writer(
         self, name: str, compression: str = DEFAULT_COMPRESSION
