@@ -276,7 +276,7 @@ class FeatureStore:
         names = sorted(complete)
         for name in names:
             if name not in self._partitions:
-                self._partitions[name] = PartitionReader(complete[name], name)
+                self._partitions[name] = PartitionReader(complete[name], self.schema, name)
         index: dict[str, tuple[PartitionReader, int]] = {}
         for name in names:
             part = self._partitions[name]

@@ -34,7 +34,7 @@ from astar.store.errors import MissingChunk, StoreError
 from astar.store.geometry import LAYERS
 from astar.store.location import StorePath, is_remote
 from astar.store.manifest import SPAN_NAMES, parse_timestamps, read_manifest
-from astar.store.schema import time_axis
+from astar.store.schema import StoreSchema
 
 # Threads decompressing the chunks and hashing the videos of a read (zstd and xxhash release
 # the GIL). More than the cores gains nothing; a single chunk or video is done where it is read.
@@ -67,9 +67,10 @@ class PartitionReader:
     the store object.
     """
 
-    def __init__(self, path: StorePath, name: str | None = None):
+    def __init__(self, path: StorePath, schema: StoreSchema, name: str | None = None):
         self.name = name or path.name  # the partition's name (its folder, on a local disk)
         self.path = path  # the folder of its arrays and manifest
+        self.schema = schema  # the store's: it says how the arrays are laid out on disk
         self.table = read_manifest(path / "manifest.csv")
         self.rows = {video_id: row for row, video_id in enumerate(self.table["id"])}
         self.statuses: list[str] = self.table["status"].tolist()  # row -> ok or failure kind
@@ -105,7 +106,7 @@ class PartitionReader:
                 array = self.array(name)
             except StoreError:  # unreadable: read_spans reports it, as damage of every row
                 return 0
-            axis = time_axis(name)
+            axis = self.axis(name)
             per = math.prod(d for k, d in enumerate(array.shape) if k != axis)
             self._step_bytes[name] = per * np.dtype(array.dtype).itemsize
         return int(self.lengths[name][list(rows)].sum()) * self._step_bytes[name]
@@ -113,9 +114,13 @@ class PartitionReader:
     def layout(self, name: str) -> ChunkLayout | None:
         """How to read array ``name``'s chunks directly, or None if zarr must read them."""
         if name not in self._layouts:
-            layout = ChunkLayout.of(self.array(name), self.path / name, time_axis(name))
+            layout = ChunkLayout.of(self.array(name), self.path / name, self.axis(name))
             self._layouts[name] = layout
         return self._layouts[name]
+
+    def axis(self, name: str) -> int:
+        """Axis of time in array ``name`` on disk (a layer, or ``timestamps``)."""
+        return self.schema.stored_axis(name) if name in LAYERS else 0
 
     def info(self, row: int) -> dict[str, Any]:
         if self._records is None:  # pandas' row access costs about 1 ms, a dict's nothing
@@ -141,9 +146,10 @@ class PartitionReader:
     ) -> tuple[list[np.ndarray | None], dict[int, str]]:
         """``layer`` of each of ``rows`` (in that order), reading every needed chunk once.
 
-        Returns the arrays and what is wrong with the damaged ones, position in ``rows`` -> reason
-        (their array is then None): a lost or unreadable chunk or array, and with ``verify``
-        values that differ from the manifest's checksum.
+        Returns the arrays, (C, T, H, W) or (clips, D), and what is wrong with the damaged ones,
+        position in ``rows`` -> reason (their array is then None): a lost or unreadable chunk or
+        array, and with ``verify`` values that differ from the manifest's checksum. From format
+        2 on, a pool layer is a transposed view of (T, C, H, W) memory, as it is stored.
         """
         results, damaged = self.read_spans(layer, rows)
         if verify:
@@ -155,23 +161,25 @@ class PartitionReader:
                     finite = np.isfinite(results[k]).all()
                     results[k] = None
                     damaged[k] = "checksum mismatch" if finite else "NaN or inf values"
-        return results, damaged
+        as_read = [None if a is None else self.schema.from_stored(layer, a) for a in results]
+        return as_read, damaged
 
     def read_spans(
         self, name: str, rows: Sequence[int]
     ) -> tuple[list[np.ndarray | None], dict[int, str]]:
         """Array ``name`` (a layer or ``timestamps``) of each of ``rows``, and the damaged ones.
 
-        As :meth:`read_layer` without checksums. The spans are read in contiguous groups of
-        chunks; a group that cannot be read whole is read chunk by chunk, so that exactly the
-        rows touching a lost chunk are damaged (a chunk shared by several videos damages all).
+        As :meth:`read_layer` without checksums, in the axis order of the disk. The spans are
+        read in contiguous groups of chunks; a group that cannot be read whole is read chunk by
+        chunk, so that exactly the rows touching a lost chunk are damaged (a chunk shared by
+        several videos damages all).
         """
         try:
             array = self.array(name)
         except StoreError as error:  # no readable metadata: every row's data is lost
             reason = f"array unreadable ({error.__cause__ or error})"
             return [None] * len(rows), dict.fromkeys(range(len(rows)), reason)
-        axis = time_axis(name)
+        axis = self.axis(name)
         chunk = array.chunks[axis]
         starts = self.offsets[name][list(rows)]  # (n,)
         stops = starts + self.lengths[name][list(rows)]  # (n,)
@@ -350,8 +358,9 @@ class ChunkLayout:
     def _read_into(self, key: str, target: np.ndarray, first: int, last: int) -> bool:
         """Read steps ``first:last`` of uncompressed local chunk ``key`` straight into
         ``target``: one ``preadv`` where they are one range of the file (the one copy
-        ``np.load`` makes too), else (part of a pool layer's chunk) through a memory map, which
-        touches only those bytes. False if ``target`` cannot be written in place."""
+        ``np.load`` makes too; always so from format 2 on, time being first), else (part of a
+        format-1 pool layer's chunk, C runs) through a memory map, which touches only those
+        bytes. False if ``target`` cannot be written in place."""
         pre = self.chunks[: self.axis]  # axes before time: (C,) for a pool layer
         step = math.prod(self.chunks[self.axis + 1 :]) * self.dtype.itemsize  # bytes a step
         whole = math.prod(self.chunks) * self.dtype.itemsize

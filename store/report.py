@@ -27,7 +27,7 @@ from astar.store.location import StorePath, is_remote
 from astar.store.manifest import MISSING, OK, SPAN_NAMES, parse_timestamps, read_manifest
 from astar.store.partition import PartitionReader, damage_text
 from astar.store.plan import PartitionPlan
-from astar.store.schema import StoreSchema, time_axis
+from astar.store.schema import StoreSchema
 
 VERIFY_BATCH = 16  # videos read per call while verifying (consecutive, so chunks are shared)
 
@@ -80,7 +80,7 @@ def verify_store(store: CheckedStore) -> VerifyReport:
     _check_uncommitted(store, complete, report)
     for name, entry in sorted(complete.items()):
         try:
-            part = PartitionReader(entry, name)
+            part = PartitionReader(entry, store.schema, name)
         except StoreError as error:
             report.problems.append(str(error))
             continue
@@ -91,7 +91,7 @@ def verify_store(store: CheckedStore) -> VerifyReport:
                 )
             owners[video_id] = part.name
         _check_partition(store.schema, part, planned.get(part.name), report)
-    _check_leftovers(store, planned, report)
+    _check_leftovers(store, planned, set(complete), report)
     return report
 
 
@@ -184,9 +184,9 @@ def _check_arrays(
             shape, dtype, axis = (total,), np.dtype("float64"), 0
         else:
             shape, dtype, axis = (
-                schema.full_shape(name, total),
+                schema.stored_shape(name, total),
                 np.dtype(schema.dtype),
-                time_axis(name),
+                schema.stored_axis(name),
             )
         try:
             array = part.array(name)
@@ -248,9 +248,11 @@ def _timestamps_damage(
 
 
 def _check_leftovers(
-    store: CheckedStore, planned: dict[str, PartitionPlan], report: VerifyReport
+    store: CheckedStore, planned: dict[str, PartitionPlan], complete: set[str], report: VerifyReport
 ) -> None:
-    pending = [name for name in planned if not store.is_complete(name)]
+    """Warnings of unfinished work; ``complete``: the complete partitions' names (listed once:
+    on object storage a request per partition would cost a round trip each)."""
+    pending = [name for name in planned if name not in complete]
     if pending:
         shown = ", ".join(pending[:5]) + (" ..." if len(pending) > 5 else "")
         report.warnings.append(
@@ -286,7 +288,7 @@ def _check_leftovers(
             report.warnings.append(
                 "manifest.csv is stale or unreadable; FeatureStore.consolidate() rewrites it"
             )
-    elif any(store.is_complete(name) for name in planned):
+    elif complete & set(planned):
         report.warnings.append("no manifest.csv; FeatureStore.consolidate() writes it")
 
 
@@ -309,7 +311,8 @@ def summarize_store(store: CheckedStore) -> dict[str, Any]:
     statuses = Counter(manifest["status"]) if len(manifest) else Counter()
     ok_rows = manifest[manifest["status"] == OK] if len(manifest) else manifest
     partitions = store.partitions
-    complete = [part for part in partitions if store.is_complete(part.name)]
+    done = set(store.complete_partitions())  # one listing, not a request per partition
+    complete = [part for part in partitions if part.name in done]
     size, files = _disk_usage(store.path)
     return {
         "path": str(store.path),

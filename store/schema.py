@@ -13,10 +13,14 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import numpy as np
+
 from astar.store.errors import StoreError
 from astar.store.geometry import LAYERS, TIME_STRIDES
 
-FORMAT_VERSION = 1
+# 1: pool layers stored (C, T, H, W), as they are read. 2: every layer stored with time first,
+# (T, C, H, W), so that a video's span of a chunk is one run of its bytes (one read, no gather).
+FORMAT_VERSION = 2
 STORE_KIND = "astar.feature_store"  # marks a zarr group as one of ours
 DTYPES = ("float16", "float32")
 # Packages whose versions are recorded; distribution names as pip knows them.
@@ -35,7 +39,8 @@ def package_versions() -> dict[str, str]:
 
 
 def time_axis(layer: str) -> int:
-    """Axis of time in a video's array: (C, T, H, W) for pool layers, (clips, D) for fc7."""
+    """Axis of time in a video's array as it is read and written through the API: (C, T, H, W)
+    for pool layers, (clips, D) for fc7. See :meth:`StoreSchema.stored_axis` for the disk."""
     return 1 if layer in TIME_STRIDES else 0
 
 
@@ -148,6 +153,23 @@ class StoreSchema:
         axis = time_axis(layer)
         return (*dims[:axis], length, *dims[axis:])
 
+    def stored_axis(self, layer: str) -> int:
+        """Axis of time in ``layer``'s arrays on disk: first from format 2 on, else as read."""
+        return 0 if self.format_version >= 2 else time_axis(layer)
+
+    def stored_shape(self, layer: str, length: int) -> tuple[int, ...]:
+        """Shape on disk of ``length`` time steps of ``layer``: (T, C, H, W) from format 2 on."""
+        dims, axis = self.layer_shapes[layer], self.stored_axis(layer)
+        return (*dims[:axis], length, *dims[axis:])
+
+    def to_stored(self, layer: str, values: np.ndarray) -> np.ndarray:
+        """A video's ``layer`` in the axis order of the disk (a view where it can be)."""
+        return np.moveaxis(values, time_axis(layer), self.stored_axis(layer))
+
+    def from_stored(self, layer: str, values: np.ndarray) -> np.ndarray:
+        """A video's ``layer`` read from disk, as the API gives it (C, T, H, W): a view."""
+        return np.moveaxis(values, self.stored_axis(layer), time_axis(layer))
+
     def expected_lengths(self, n_frames: int) -> dict[str, int]:
         """Time steps per pool layer and clips of fc7 for a video of ``n_frames`` frames."""
         lengths = {name: n_frames // stride for name, stride in TIME_STRIDES.items()}
@@ -167,7 +189,7 @@ class StoreSchema:
             kind = attributes.get("kind")
             raise StoreError(f"not an astar feature store (attribute kind={kind!r})")
         found = attributes.get("format_version")
-        if not isinstance(found, int) or found > FORMAT_VERSION:
+        if not isinstance(found, int) or not 1 <= found <= FORMAT_VERSION:
             raise StoreError(
                 f"store format version {found!r} is not supported (this astar reads up to "
                 f"{FORMAT_VERSION}); upgrade astar"
@@ -184,17 +206,21 @@ class StoreSchema:
         self, other: StoreSchema, mine: str = "in the store", theirs: str = "asked"
     ) -> list[str]:
         """Fields that differ, as ``name: <self> <mine>, <other> <theirs>``; package versions
-        ignored.
+        and the format version ignored.
 
         Versions differ after any upgrade without changing what the features mean, so they are
-        recorded but never block reuse of a store.
+        recorded but never block reuse of a store. Nor does the format: a store goes on being
+        written (resumed) and read in the layout it was made with.
         """
         return [
             f"{f.name}: {_shown(getattr(self, f.name))} {mine}, "
             f"{_shown(getattr(other, f.name))} {theirs}"
             for f in fields(self)
-            if f.name != "versions" and getattr(self, f.name) != getattr(other, f.name)
+            if f.name not in IGNORED and getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+IGNORED = ("versions", "format_version")  # fields that never keep a store from being reused
 
 
 def _shown(value: Any) -> str:

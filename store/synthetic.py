@@ -46,8 +46,11 @@ def write_videos(
 ) -> None:
     """Write ``videos`` ((id, source) pairs) into ``store``: ``make(id)`` -> (n_frames,
     {layer: array}), called once a video in plan order (so a seeded generator inside it gives
-    the same store every time). ``compression``: of the committed arrays (writer.COMPRESSIONS)."""
+    the same store every time). ``compression``: of the committed arrays (writer.COMPRESSIONS).
+    Partitions already complete are kept, as an extraction resumed keeps them."""
     for plan in store.plan(videos, partition_size=partition_size):
+        if store.is_complete(plan.name):
+            continue
         with store.partition_writer(plan.name, compression) as writer:
             for vid, source in plan.videos:
                 n_frames, features = make(vid)

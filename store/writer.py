@@ -252,7 +252,8 @@ class PartitionWriter:
         record.update(status=OK, reason="")
         for layer, array in arrays.items():
             record[f"{layer}_length"] = array.shape[time_axis(layer)]
-            record[f"{layer}_checksum"] = checksum(array)
+            # Of the bytes as stored (time first from format 2): what a read hashes as it is.
+            record[f"{layer}_checksum"] = checksum(self._schema.to_stored(layer, array))
         self._stage(video_id, record, arrays)
 
     def add_failure(
@@ -468,12 +469,16 @@ class PartitionWriter:
     def _write_layer(self, group: zarr.Group, layer: str, table: pd.DataFrame) -> None:
         total = int(table[f"{layer}_length"].sum())
         length = chunk_length(self._schema, layer, total)
-        shape = self._schema.full_shape(layer, total)
-        chunks = self._schema.full_shape(layer, length)
-        names = DIMENSION_NAMES["fc7" if layer == "fc7" else "pool"]
-        array = _new_array(group, layer, shape, chunks, self._schema.dtype, names, self.compression)
-        pieces = self._pieces(table, layer)
-        _write_along(array, pieces, time_axis(layer), length * CHUNKS_PER_WRITE, length)
+        shape = self._schema.stored_shape(layer, total)
+        chunks = self._schema.stored_shape(layer, length)
+        names = list(DIMENSION_NAMES["fc7" if layer == "fc7" else "pool"])
+        names.insert(self._schema.stored_axis(layer), names.pop(time_axis(layer)))
+        array = _new_array(
+            group, layer, shape, chunks, self._schema.dtype, tuple(names), self.compression
+        )
+        pieces = (self._schema.to_stored(layer, piece) for piece in self._pieces(table, layer))
+        axis = self._schema.stored_axis(layer)
+        _write_along(array, pieces, axis, length * CHUNKS_PER_WRITE, length)
 
     def _write_timestamps(self, group: zarr.Group, table: pd.DataFrame) -> None:
         ok = table["status"] == OK

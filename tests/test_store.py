@@ -200,7 +200,9 @@ def test_schema_is_in_the_root_group_attributes(built):
     assert StoreSchema.from_dict(attributes) == store.schema
     # The partitions are ordinary zarr arrays too.
     pool3 = zarr.open_group(store.path, mode="r")["partitions/p00000/pool3"]
-    assert pool3.shape == (4, 4 + 5 + 6, 2, 2)  # vid000..002: 16, 21, 26 frames
+    # Time first (format 2), the videos one after another: vid000..002 have 16, 21, 26 frames.
+    assert pool3.shape == (4 + 5 + 6, 4, 2, 2)
+    assert pool3.metadata.dimension_names == ("time", "channel", "height", "width")
 
 
 def test_schema_mismatch_names_each_difference(built):

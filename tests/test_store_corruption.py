@@ -88,14 +88,14 @@ def damaged(template, tmp_path: Path):
 
 
 def chunk_file(path: Path, partition: str, layer: str, index: int) -> Path:
-    key = f"c.0.{index}.0.0" if layer != "fc7" else f"c.{index}.0"
+    key = f"c.{index}.0.0.0" if layer != "fc7" else f"c.{index}.0"
     return path / "partitions" / partition / layer / key
 
 
 def touching(path: Path, partition: str, layer: str, index: int) -> set[str]:
     """Videos of ``partition`` whose ``layer`` span touches chunk ``index`` (from the manifest)."""
     store = FeatureStore.open(path)
-    axis = 0 if layer == "fc7" else 1
+    axis = 0  # time, first on disk (format 2)
     chunk = zarr.open_array(path / "partitions" / partition / layer, mode="r").chunks[axis]
     table = store.manifest
     table = table[table["partition"] == partition]
@@ -128,8 +128,8 @@ def test_deleted_chunk_raises_for_exactly_its_videos_never_nan(damaged):
         with pytest.raises(CorruptVideo) as error:
             read_all(path, verify=verify)
         assert error.value.videos == {
-            "v1": "partition p00000, pool3: chunk c.0.2.0.0 missing",
-            "v2": "partition p00000, pool3: chunk c.0.2.0.0 missing",
+            "v1": "partition p00000, pool3: chunk c.2.0.0.0 missing",
+            "v2": "partition p00000, pool3: chunk c.2.0.0.0 missing",
         }
         assert error.value.store == str(path)
     store = FeatureStore.open(path)
@@ -159,7 +159,7 @@ def test_flipped_bytes_in_a_chunk_raise_corrupt_video_naming_its_videos(damaged)
     assert set(error.value.videos) == {"v5", "v6"} == touching(path, "p00001", "pool3", 2)
     for why in error.value.videos.values():
         # zstd refuses the frame, so the chunk is unreadable before any checksum is reached
-        assert why.startswith("partition p00001, pool3: chunk c.0.2.0.0 unreadable (")
+        assert why.startswith("partition p00001, pool3: chunk c.2.0.0.0 unreadable (")
     assert "video 'v5'" in str(error.value) and "inspect-store --verify" in str(error.value)
 
 
@@ -172,7 +172,7 @@ def test_truncated_chunk_is_corruption(damaged):
     # pool4 chunks hold 2 steps; lengths 2, 3, 4, 5: chunk 2 (steps 4, 5) is v1's end, v2's start
     assert set(error.value.videos) == {"v1", "v2"} == touching(path, "p00000", "pool4", 2)
     for why in error.value.videos.values():
-        assert why.startswith("partition p00000, pool4: chunk c.0.2.0.0 unreadable (")
+        assert why.startswith("partition p00000, pool4: chunk c.2.0.0.0 unreadable (")
 
 
 def test_altered_values_fail_their_checksum_and_only_theirs(damaged):
@@ -180,7 +180,7 @@ def test_altered_values_fail_their_checksum_and_only_theirs(damaged):
     # A valid chunk with another value inside v2's pool4 span: only the checksum can tell.
     pool4 = zarr.open_array(path / "partitions" / "p00000" / "pool4", mode="r+")
     offset = int(FeatureStore.open(path).manifest.set_index("id").at["v2", "pool4_offset"])
-    pool4[0, offset, 0, 0] = pool4[0, offset, 0, 0] + 1.0
+    pool4[offset, 0, 0, 0] = pool4[offset, 0, 0, 0] + 1.0  # (time, channel, y, x)
     with pytest.raises(CorruptVideo) as error:
         read_all(path)
     assert error.value.videos == {"v2": "partition p00000, pool4: checksum mismatch"}
@@ -303,12 +303,12 @@ def test_inspect_verify_names_every_video_of_a_deleted_chunk(damaged):
     assert code == 1
     lost = touching(path, "p00000", "pool3", 2) | touching(path, "p00001", "fc7", 0)
     assert set(report["damaged"]) == lost == {"v1", "v2", "v4", "v5", "v6", "v7"}
-    assert report["damaged"]["v1"] == "partition p00000, pool3: chunk c.0.2.0.0 missing"
+    assert report["damaged"]["v1"] == "partition p00000, pool3: chunk c.2.0.0.0 missing"
     assert report["damaged"]["v4"] == "partition p00001, fc7: chunk c.0.0 missing"
     assert report["videos_checked"] == 8 - len(lost)
     # The structural message stays, and no longer hides the videos.
     assert "partitions/p00000/pool3: 6 chunk files, 7 expected" in report["problems"]
-    assert "problem: partitions/p00000, video 'v2', pool3: chunk c.0.2.0.0 missing" in output
+    assert "problem: partitions/p00000, video 'v2', pool3: chunk c.2.0.0.0 missing" in output
     assert "6 damaged video(s)" in output
     for vid in lost:
         assert f"\n  {vid}\tpartition " in output
@@ -325,7 +325,7 @@ def test_inspect_verify_names_every_video_of_a_corrupted_chunk(damaged):
     assert set(report["damaged"]) == {"v5", "v6"} == touching(path, "p00001", "pool4", 2)
     wrong = report["damaged"].values()
     assert all(
-        why.startswith("partition p00001, pool4: chunk c.0.2.0.0 unreadable (") for why in wrong
+        why.startswith("partition p00001, pool4: chunk c.2.0.0.0 unreadable (") for why in wrong
     )
     assert "2 damaged video(s)" in output and "\n  v5\tpartition p00001, pool4: " in output
 

@@ -1,8 +1,10 @@
 """The direct chunk reader (store/partition.py ChunkLayout) against zarr's own reads, both
-compressions, and the checksums of older stores (sha256) beside the new ones (XXH3)."""
+compressions and both layouts (format 2: time first on disk; format 1: as read), and the
+checksums of older stores (sha256) beside the new ones (XXH3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,12 +17,13 @@ from astar.store.digest import algorithm_of, checksum, matches
 from astar.store.errors import StoreError
 from astar.store.geometry import BACKBONES
 from astar.store.partition import ChunkLayout, _read_block
-from astar.store.schema import time_axis
+from astar.store.schema import FORMAT_VERSION, time_axis
 from astar.store.synthetic import synthetic_schema, write_videos
 
 SCHEMA = synthetic_schema(
     BACKBONES["c3d-tiny"].layer_shapes(), backbone="c3d-tiny", preprocessing="caffe-bgr-mean"
 )
+V1 = dataclasses.replace(SCHEMA, format_version=1)  # the layout of stores written before 2
 
 
 def _make(video_id: str) -> tuple[int, dict[str, np.ndarray]]:
@@ -33,12 +36,32 @@ def _make(video_id: str) -> tuple[int, dict[str, np.ndarray]]:
     }
 
 
-@pytest.fixture(params=["zstd", "none"])
+@pytest.fixture(params=[("zstd", 2), ("none", 2), ("zstd", 1), ("none", 1)], ids=str)
 def store(request, tmp_path: Path) -> FeatureStore:
-    made = FeatureStore.create_or_open(tmp_path / "store", SCHEMA)
+    compression, version = request.param
+    schema = dataclasses.replace(SCHEMA, format_version=version)
+    made = FeatureStore.create_or_open(tmp_path / "store", schema)
     videos = [(f"v{k}", f"/videos/v{k}.mp4") for k in range(9)]
-    write_videos(made, videos, _make, partition_size=5, compression=request.param)
+    write_videos(made, videos, _make, partition_size=5, compression=compression)
     return FeatureStore.open(made.path)
+
+
+def test_format_2_stores_time_first_and_format_1_as_read(store: FeatureStore):
+    assert SCHEMA.format_version == FORMAT_VERSION == 2
+    part = store._opened()[0]
+    total = int(part.lengths["pool3"].sum())
+    channels, height, width = SCHEMA.layer_shapes["pool3"]
+    array = part.array("pool3")
+    names = array.metadata.dimension_names
+    if store.schema.format_version == 2:
+        assert array.shape == (total, channels, height, width)
+        assert names == ("time", "channel", "height", "width")
+    else:
+        assert array.shape == (channels, total, height, width)
+        assert names == ("channel", "time", "height", "width")
+    assert part.array("fc7").metadata.dimension_names == ("clip", "feature")
+    video = store[store.ids[0]].layers["pool3"]
+    assert video.shape[0] == channels and video.shape[2:] == (height, width)  # (C, T, H, W)
 
 
 def test_direct_reads_equal_zarrs_for_every_span(store: FeatureStore):
@@ -47,7 +70,10 @@ def test_direct_reads_equal_zarrs_for_every_span(store: FeatureStore):
             array = part.array(name)
             layout = part.layout(name)
             assert layout is not None, f"{name}: the store's own layout must be read directly"
-            axis = time_axis(name)
+            axis = part.axis(name)
+            assert axis == (
+                time_axis(name) if store.schema.format_version == 1 or name == "timestamps" else 0
+            )
             total = array.shape[axis]
             chunk = array.chunks[axis]
             spans = [(0, total), (0, 1), (total - 1, total), (chunk - 1, chunk + 1)]
@@ -87,7 +113,8 @@ def test_uncompressed_chunks_are_raw_and_a_short_one_is_damage(tmp_path: Path):
 def test_an_array_of_another_layout_is_read_through_zarr(store: FeatureStore, monkeypatch):
     part = store._opened()[0]
     array = part.array("pool3")
-    assert ChunkLayout.of(array, part.path / "pool3", axis=0) is None  # chunked on another axis
+    other = 1 - part.axis("pool3")  # the store chunks along time only
+    assert ChunkLayout.of(array, part.path / "pool3", axis=other) is None
     monkeypatch.setattr(ChunkLayout, "of", classmethod(lambda cls, *args: None))
     fresh = FeatureStore.open(store.path)
     for video in fresh.read_batch(fresh.ids):
@@ -110,8 +137,8 @@ def test_checksums_xxh3_for_new_videos_sha256_of_older_stores_still_checked(tmp_
     assert len(old) == 64 and algorithm_of(old) == "sha256"
     assert matches(array, new) and matches(array, old)
     assert not matches(array + 1, old) and not matches(array + 1, new)
-    # A store written before XXH3: <layer>_sha256 columns of bare sha256 digests.
-    made = FeatureStore.create_or_open(tmp_path / "store", SCHEMA)
+    # A store written before XXH3 (and format 2): <layer>_sha256 columns of bare sha256 digests.
+    made = FeatureStore.create_or_open(tmp_path / "store", V1)
     write_videos(made, [("v1", "/v/1.mp4"), ("v2", "/v/2.mp4")], _make, 2)
     manifest = made.path / "partitions" / "p00000" / "manifest.csv"
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
@@ -168,3 +195,22 @@ def test_flipped_bytes_are_caught_by_the_codec_or_the_checksum(store: FeatureSto
     )
     report = FeatureStore.open(store.path).verify_report()
     assert set(report.damaged) == set(error.value.videos)
+
+
+def test_a_format_1_store_is_resumed_in_its_own_layout(tmp_path: Path):
+    made = FeatureStore.create_or_open(tmp_path / "store", V1)
+    videos = [(f"v{k}", f"/videos/v{k}.mp4") for k in range(4)]
+    write_videos(made, videos[:2], _make, partition_size=2)
+    # An extraction of today asks for the current format; the store keeps its own.
+    resumed = FeatureStore.create_or_open(made.path, SCHEMA)
+    assert resumed.schema.format_version == 1 and SCHEMA.differences(V1) == []
+    write_videos(resumed, videos, _make, partition_size=2)
+    reopened = FeatureStore.open(made.path)
+    assert reopened.verify() == [] and reopened.ids == [v for v, _ in videos]
+    for part in reopened._opened():
+        assert part.array("pool2").metadata.dimension_names[0] == "channel"
+    for video in reopened.read_batch(reopened.ids):
+        for name in LAYERS:
+            np.testing.assert_array_equal(
+                video.layers[name], _make(video.id)[1][name].astype(SCHEMA.dtype), err_msg=name
+            )
