@@ -148,23 +148,29 @@ def run(root: Path, places: dict[str, str], args: argparse.Namespace) -> None:
         for verify in (True, False)
     }
 
-    def npy_layers(video_id: str, layers: tuple[str, ...]) -> None:
-        for layer in layers:
-            np.load(npy / f"{video_id}.{layer}.npy")
+    def npy_layers(video_id: str, layers: tuple[str, ...]) -> list[np.ndarray]:
+        return [np.load(npy / f"{video_id}.{layer}.npy") for layer in layers]
+
+    def each(read: Callable[[object], object], items: list) -> None:
+        """``read`` every item, dropping each result before the next as a training loop does
+        with its batches (both sides alike: a whole pass's results kept alive would make every
+        read fault in fresh pages; a batch's are held together on both sides)."""
+        for item in items:
+            read(item)
 
     passes: dict[str, tuple[Callable, Callable]] = {}  # name -> (np.load pass, store pass)
     for layer in LAYERS:
         passes[f"one {layer}"] = (
-            lambda layer=layer: [npy_layers(v, (layer,)) for v in order],
-            lambda store, layer=layer: [store.get(v, [layer]) for v in order],
+            lambda layer=layer: each(lambda v: npy_layers(v, (layer,)), order),
+            lambda store, layer=layer: each(lambda v: store.get(v, [layer]), order),
         )
     passes["one video"] = (
-        lambda: [npy_layers(v, LAYERS) for v in order],
-        lambda store: [store.get(v) for v in order],
+        lambda: each(lambda v: npy_layers(v, LAYERS), order),
+        lambda store: each(store.get, order),
     )
     passes[f"batch of {args.batch}"] = (
-        lambda: [npy_layers(v, LAYERS) for batch in batches for v in batch],
-        lambda store: [store.read_batch(batch) for batch in batches],
+        lambda: each(lambda batch: [npy_layers(v, LAYERS) for v in batch], batches),
+        lambda store: each(store.read_batch, batches),
     )
     times: dict[tuple[str, str], list[float]] = {}
     for round in range(args.repeats + 1):  # round 0 warms up: arrays opened, page cache filled
