@@ -163,8 +163,10 @@ def collate_features(videos: Sequence, layers: Sequence[str]) -> FeatureBatch:
         channels, _, height, width = arrays[0].shape
         longest = max(a.shape[1] for a in arrays)
         out = torch.zeros(len(arrays), channels, longest, height, width)  # (B, C, T, H, W)
-        for row, array in enumerate(arrays):
-            out[row, :, : array.shape[1]] = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        for row, array in enumerate(arrays):  # one copy, converting as it goes (any strides:
+            # the store gives (T, C, H, W) memory seen as (C, T, H, W)); half the time of
+            # converting to a float32 array first (2-core Xeon, 8 paper-shaped pool2 layers)
+            out[row, :, : array.shape[1]] = torch.from_numpy(np.asarray(array))
         padded[name] = out
     fc7 = torch.stack(
         [torch.from_numpy(np.asarray(v.layers["fc7"], dtype=np.float32)).mean(0) for v in videos]
