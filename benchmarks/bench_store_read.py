@@ -1,6 +1,7 @@
 """Random reads from the feature store against ``np.load`` of the same arrays from ``.npy`` files.
 
     python benchmarks/bench_store_read.py [--videos 24] [--repeats 5] [--batch 8] [--s3]
+                                          [--format-version 2]
 
 Builds stores with the paper's C3D shapes in float16 (pool2 (128, T/2, 28, 28) ... fc7 (clips,
 4096)), 32-128 frames per video, ReLU-like random values (half zeros, so zstd compresses them
@@ -14,10 +15,13 @@ same disk. Then, interleaved in one process so that the ratios hold on a noisy s
 * training-order batches: the shuffled order an epoch visits, ``--batch`` videos a
   ``read_batch``, against ``np.load`` of each of their layers;
 
-each with checksums verified (the default) and without (``verify=False``). Prints medians over
---repeats passes and the ratio np.load time / store time (>= 1: the store is as fast or
-faster). ``--s3`` repeats it with the stores on moto's S3 server on 127.0.0.1 (a separate
-process; the .npy files stay on the local disk), which measures this code's request pattern
+each with checksums verified (the default) and without (``verify=False``), each read's
+result dropped before the next (a batch's held together), on both sides alike. Prints medians
+over --repeats passes and the ratio np.load time / store time (>= 1: the store is as fast or
+faster). ``--format-version 1`` builds the stores in format 1's layout (pool layers (C, T, H,
+W) on disk) instead of the current one (time first). ``--s3`` repeats it with the stores on
+moto's S3 server on 127.0.0.1 (a separate process; the .npy files stay on the local disk),
+which measures this code's request pattern
 over loopback HTTP, not a real S3 service's latency.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -40,6 +45,7 @@ import numpy as np
 
 from astar.store import LAYERS, FeatureStore
 from astar.store.geometry import BACKBONES
+from astar.store.schema import FORMAT_VERSION
 from astar.store.synthetic import synthetic_schema, write_videos
 
 PAPER_SHAPES = BACKBONES["c3d"].layer_shapes()  # C3D on 112 x 112 frames, without time
@@ -51,11 +57,13 @@ def build_store(
     partition_size: int,
     seed: int = 0,
     compression: str = "zstd",
+    format_version: int = FORMAT_VERSION,
 ) -> FeatureStore:
     """A store of ``n_videos`` random videos of 32-128 frames with the paper's shapes."""
     schema = synthetic_schema(
         PAPER_SHAPES, backbone="c3d", preprocessing="caffe-bgr-mean", dtype="float16"
     )
+    schema = dataclasses.replace(schema, format_version=format_version)
     store = FeatureStore.create_or_open(location, schema)
     rng = np.random.default_rng(seed)
 
@@ -121,7 +129,11 @@ def run(root: Path, places: dict[str, str], args: argparse.Namespace) -> None:
     for compression in ("zstd", "none"):
         location = places[compression]
         stores[compression] = build_store(
-            location, args.videos, args.partition_size, compression=compression
+            location,
+            args.videos,
+            args.partition_size,
+            compression=compression,
+            format_version=args.format_version,
         )
     reference = FeatureStore.open(stores["none"].path)
     ids = reference.ids
@@ -133,7 +145,8 @@ def run(root: Path, places: dict[str, str], args: argparse.Namespace) -> None:
             np.save(npy / f"{video.id}.{layer}.npy", array)
             raw += array.nbytes
     print(
-        f"{len(ids)} videos, paper C3D shapes, float16: {raw / 1e6:.0f} MB of features; "
+        f"{len(ids)} videos, paper C3D shapes, float16, store format {args.format_version}: "
+        f"{raw / 1e6:.0f} MB of features; "
         f"stores at {places['zstd']} and {places['none']}; built in "
         f"{time.perf_counter() - started:.0f} s"
     )
@@ -203,6 +216,7 @@ def main() -> None:
     parser.add_argument("--partition-size", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="Videos per training batch.")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--format-version", type=int, default=FORMAT_VERSION, choices=(1, 2))
     parser.add_argument("--s3", action="store_true", help="Also with the stores on moto S3.")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs; {_cpu_name()}")
