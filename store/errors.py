@@ -35,7 +35,7 @@ class MissingChunk(StoreError):
 
     Raised while reading, where zarr would return the fill value; readers turn it into
     :class:`CorruptVideo` for the videos whose spans touch the chunk. ``key`` is the chunk's key
-    within its array, e.g. ``c.0.3.0.0``.
+    within its array, e.g. ``c.3.0.0.0``.
     """
 
     def __init__(self, key: str):

@@ -7,7 +7,9 @@ Layout (``STORE`` is a zarr v3 group)::
     manifest.csv         consolidated manifest of the complete partitions (convenience copy)
     partitions/          zarr group
       p00000/            zarr group, one per partition, written whole by one worker
-        pool2 .. pool5   (C, T_total, H, W): the partition's videos concatenated along time
+        pool2 .. pool5   (T_total, C, H, W): the partition's videos concatenated along time,
+                         time first (format 2; format 1: (C, T_total, H, W)); read as
+                         (C, T, H, W) either way
         fc7              (clips_total, D)
         timestamps       (frames_total,) float64
         manifest.csv     per video: status, reason, info, offsets/lengths, checksums. Written

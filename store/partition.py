@@ -6,7 +6,7 @@ in the manifest at write time. Damage is returned, not raised, so that a caller 
 damaged video of a request at once.
 
 Chunks are read directly (:class:`ChunkLayout`): the store writes every array with one layout
-(chunked along time only, little-endian bytes then zstd or nothing, ``c.0.3.0.0`` keys), so a
+(chunked along time only, little-endian bytes then zstd or nothing, ``c.3.0.0.0`` keys), so a
 read is the chunk files' bytes, their decompression on a few threads, and a copy into the
 block, with none of zarr's per-call machinery (about 5 ms a call on the 2-core machine of
 ``benchmarks/bench_store_read.py``, more than reading a small layer itself). An array written
@@ -476,5 +476,5 @@ def chunk_groups(starts: np.ndarray, stops: np.ndarray, chunk: int) -> list[list
 
 def damage_text(partition: str, wrong: dict[str, str]) -> str:
     """What is wrong with one video, array by array:
-    ``partition p00001, pool3: chunk c.0.1.0.0 missing; ...``."""
+    ``partition p00001, pool3: chunk c.1.0.0.0 missing; ...``."""
     return f"partition {partition}, " + "; ".join(f"{name}: {why}" for name, why in wrong.items())

@@ -59,7 +59,7 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)  # unfinished work a rerun completes
     videos_checked: int = 0  # ok videos whose every layer was read and checked
     # video id -> what is wrong with its data, as CorruptVideo words it ("partition p00002,
-    # pool3: chunk c.0.1.0.0 missing; fc7: checksum mismatch")
+    # pool3: chunk c.1.0.0.0 missing; fc7: checksum mismatch")
     damaged: dict[str, str] = field(default_factory=dict)
 
 
