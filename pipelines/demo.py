@@ -9,10 +9,14 @@ those of the distractors: one global vector mixes all objects, which is what AST
 spatiotemporal attention is meant to fix.
 
 Frames are drawn directly at the model's input size (112 x 112) with antialiased signed-distance
-shapes, ``seconds`` long at ``fps``, and encoded as real H.264 files; at the pipeline's 2 fps a
-9 s video gives 18 sampled frames. Everything is a function of the seed: each video draws
-from its own generator ``default_rng([seed, index])``, so the same seed gives byte-identical
-caption tables and identical decoded frames.
+shapes, ``seconds`` long at ``fps``, and encoded as real H.264 files, losslessly (RGB, x264 at
+qp 0); at the pipeline's 2 fps a 9 s video gives 18 sampled frames. Everything is a function of
+the seed: each video draws from its own generator ``default_rng([seed, index])``, so the same
+seed gives byte-identical caption tables and decoded frames equal to the rendered ones. Lossless
+because x264's lossy bytes are not a function of its input alone: about 1 video in 100 of the
+default demo encoded differently from run to run (one encoder thread; measured on 3 runs of 360
+videos), which changed its features and so every trained score. A lossless stream decodes to
+the same pixels whatever bytes the encoder chose.
 
 ``make_demo_dataset`` writes only the raw material, a dataset folder in the generic layout
 (``annotations.csv`` + ``videos/``, and ``demo.json``: what was drawn); ``prepare-dataset folder
@@ -154,7 +158,7 @@ class DemoConfig:
     fps: float = 8.0  # encoded frame rate (the pipeline samples 2 fps from it)
     seconds: float = 9.0  # video length: 18 frames at 2 fps, at least C3D's 16
     max_distractors: int = 2  # static distractors per video: 1..max_distractors
-    codec: str = "libx264"  # astar.pipelines.videoio codec
+    codec: str = "libx264rgb"  # astar.pipelines.videoio codec; lossless, see the module
 
     def __post_init__(self) -> None:
         problems = []

@@ -12,7 +12,9 @@ import numpy as np
 
 # codec -> (pixel format, encoder options). The lossless ones let tests compare decoded frames
 # with what was written, bit for bit. x264 runs on one thread: with several, the same frames
-# were seen to encode to different bytes (and decode to different pixels) from run to run.
+# were seen to encode to different bytes (and decode to different pixels) from run to run. Even
+# on one thread its lossy output varies now and then (about 1 demo video in 100 a run): where
+# the pixels must be a function of the input, use a lossless codec.
 CODECS: dict[str, tuple[str, dict[str, str]]] = {
     "libx264": ("yuv420p", {"crf": "18", "preset": "veryfast", "threads": "1"}),
     "libx264rgb": ("rgb24", {"qp": "0", "preset": "veryfast", "threads": "1"}),  # lossless
