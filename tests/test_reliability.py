@@ -51,12 +51,19 @@ def _cli(name: str, *args: object, env=None, cwd=None, timeout: float = 300):
 
 
 def _start(name: str, *args: object) -> subprocess.Popen:
-    """A command in a session of its own, so that a Ctrl-C can reach its whole process group."""
+    """A command in a session of its own, so that a Ctrl-C can reach its whole process group,
+    with SIGINT at its default disposition, as in a terminal's foreground job: a test run
+    started in the background of a non-interactive shell inherits SIGINT ignored (POSIX), and a
+    Python program started so keeps ignoring it, as a background job should."""
     command = [str(BIN / name), *map(str, args)]
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_default_sigint,
     )  # fmt: skip
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(condition, process: subprocess.Popen | None = None, seconds: float = 120) -> None:
