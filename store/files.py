@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import IO
 
 from astar.store.errors import PartitionLocked, StoreError
-from astar.store.location import is_remote, put, write_once
+from astar.store.location import (
+    Superseded,
+    is_remote,
+    put,
+    replace_if_unchanged,
+    version_of,
+    write_once,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,21 +270,40 @@ class FileLock:
         stop = self._renewing = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(LEASE_S / 5):
-                current = self.owner
-                if current is None:
-                    return
-                fresh = dataclasses.replace(current, renewed=time.time())
-                try:
-                    if read_owner(self.path) != current:  # broken and taken by another
-                        log.warning("%s: lock lost to another writer", self.path)
-                        return
-                    put(self.path, json.dumps(asdict(fresh)).encode())
-                    self.owner = fresh
-                except (OSError, StoreError) as error:  # a blip: try again next period
-                    log.warning("%s: could not renew the lock (%s)", self.path, error)
+            while not stop.wait(LEASE_S / 5) and self.renew_once():
+                pass
 
         threading.Thread(target=renew, name="astar-lock-renewal", daemon=True).start()
+
+    def renew_once(self) -> bool:
+        """One renewal of a held lock on object storage; False once it is lost (or released).
+
+        The lock is rewritten only if it is still this holder's: its version is taken first,
+        then its content compared, then the new content written on condition that the version
+        is unchanged (S3 ``If-Match``), so that a holder stalled past its lease, whose lock
+        another writer broke and took between the read and the write, cannot overwrite the new
+        holder's lock. Elsewhere the write follows the comparison unconditionally.
+        """
+        current = self.owner
+        if current is None:
+            return False
+        fresh = dataclasses.replace(current, renewed=time.time())
+        try:
+            version = version_of(self.path)
+            if read_owner(self.path) != current:  # broken and taken by another
+                log.warning("%s: lock lost to another writer", self.path)
+                return False
+            replace_if_unchanged(self.path, json.dumps(asdict(fresh)).encode(), version)
+            self.owner = fresh
+        except Superseded:
+            log.warning("%s: lock lost to another writer (taken while being renewed)", self.path)
+            return False
+        except FileNotFoundError:
+            log.warning("%s: lock lost (removed by another writer)", self.path)
+            return False
+        except (OSError, StoreError) as error:  # a blip: try again next period
+            log.warning("%s: could not renew the lock (%s)", self.path, error)
+        return True
 
     def release(self) -> None:
         if self._renewing is not None:

@@ -114,6 +114,41 @@ def put(path: UPath, data: bytes) -> None:
     path.fs.pipe_file(path.path, data)
 
 
+class Superseded(Exception):
+    """A conditional replace refused: the object is no longer the version it was read as."""
+
+
+def version_of(path: UPath) -> str | None:
+    """The current version tag of object ``path`` (S3's ETag, fetched afresh), for
+    :func:`replace_if_unchanged`; None on a backend where this code makes no conditional
+    replace (there it is a plain :func:`put`)."""
+    if "s3" not in _protocols(path):
+        return None
+    path.fs.invalidate_cache(path.path)  # s3fs answers info from its listing cache
+    return path.fs.info(path.path)["ETag"]
+
+
+def replace_if_unchanged(path: UPath, data: bytes, version: str | None) -> None:
+    """Replace object ``path`` with ``data`` only while it is still ``version`` (S3
+    ``If-Match``: one request, decided by the server), else :class:`Superseded`. ``None``:
+    replace whatever is there."""
+    if version is None:
+        put(path, data)
+        return
+    try:
+        path.fs.pipe_file(path.path, data, IfMatch=version)
+    except OSError as error:  # s3fs's translation; the cause holds the S3 error code
+        code = getattr(error.__cause__, "response", {}).get("Error", {}).get("Code")
+        if code == "PreconditionFailed":
+            raise Superseded(f"{path}: replaced by another writer since it was read") from error
+        raise
+
+
+def _protocols(path: UPath) -> tuple[str, ...]:
+    protocol = path.fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
 def remove_tree(path: StorePath) -> None:
     """Delete ``path`` and everything under it; nothing if it is absent."""
     if is_remote(path):

@@ -103,6 +103,34 @@ def test_locks_on_object_storage_are_leases(remote_url: str, monkeypatch):
     assert not lock.exists()
 
 
+def test_a_renewal_never_overwrites_a_lock_taken_meanwhile(s3_bucket: str, monkeypatch):
+    """A holder stalled past its lease renews while another writer breaks and takes its lock
+    between the renewal's read and its write: S3 refuses the write (If-Match), the new holder's
+    lock stays, and the stalled holder stops renewing."""
+    from astar.store import files
+
+    lock_path = store_path(f"s3://{s3_bucket}/locks/p00000.lock")
+    lock = files.FileLock(lock_path)
+    monkeypatch.setattr(files.FileLock, "_start_renewing", lambda self: None)  # by hand here
+    lock.acquire()
+    assert lock.renew_once() and files.read_owner(lock_path).renewed == lock.owner.renewed
+    thief = dataclasses.replace(files.LockOwner.me(renewed=True), host="another-host")
+    original = files.read_owner
+
+    def read_then_taken(path):  # the other writer takes the lock just after this read
+        seen = original(path)
+        lock_path.write_text(json.dumps(dataclasses.asdict(thief)))
+        return seen
+
+    monkeypatch.setattr(files, "read_owner", read_then_taken)
+    assert not lock.renew_once()  # refused by the server: lost
+    monkeypatch.setattr(files, "read_owner", original)
+    assert files.read_owner(lock_path) == thief
+    lock_path.write_text(json.dumps(dataclasses.asdict(lock.owner)))  # a plain takeover
+    lock_path.write_text(json.dumps(dataclasses.asdict(thief)))
+    assert not lock.renew_once() and files.read_owner(lock_path) == thief  # seen on reading
+
+
 def test_remote_store_equals_a_local_one(remote_url: str, tmp_path: Path):
     local = FeatureStore.create_or_open(tmp_path / "local", SCHEMA)
     remote = FeatureStore.create_or_open(remote_url, SCHEMA)
