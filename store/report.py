@@ -181,13 +181,10 @@ def _check_arrays(
     for name in SPAN_NAMES:
         total = int(table[f"{name}_length"].to_numpy(np.int64)[ok].sum())
         if name == "timestamps":
-            shape, dtype, axis = (total,), np.dtype("float64"), 0
+            shape, dtype = (total,), np.dtype("float64")
         else:
-            shape, dtype, axis = (
-                schema.stored_shape(name, total),
-                np.dtype(schema.dtype),
-                schema.stored_axis(name),
-            )
+            shape, dtype = schema.stored_shape(name, total), np.dtype(schema.dtype)
+        axis = part.axis(name)  # of time, on disk
         try:
             array = part.array(name)
         except Exception as error:  # any zarr or JSON error means the same: unreadable

@@ -149,9 +149,7 @@ class StoreSchema:
 
     def full_shape(self, layer: str, length: int) -> tuple[int, ...]:
         """Shape of ``length`` time steps (or clips) of ``layer``: (C, T, H, W) or (clips, D)."""
-        dims = self.layer_shapes[layer]
-        axis = time_axis(layer)
-        return (*dims[:axis], length, *dims[axis:])
+        return self._shape_along(layer, length, time_axis(layer))
 
     def stored_axis(self, layer: str) -> int:
         """Axis of time in ``layer``'s arrays on disk: first from format 2 on, else as read."""
@@ -159,7 +157,10 @@ class StoreSchema:
 
     def stored_shape(self, layer: str, length: int) -> tuple[int, ...]:
         """Shape on disk of ``length`` time steps of ``layer``: (T, C, H, W) from format 2 on."""
-        dims, axis = self.layer_shapes[layer], self.stored_axis(layer)
+        return self._shape_along(layer, length, self.stored_axis(layer))
+
+    def _shape_along(self, layer: str, length: int, axis: int) -> tuple[int, ...]:
+        dims = self.layer_shapes[layer]
         return (*dims[:axis], length, *dims[axis:])
 
     def to_stored(self, layer: str, values: np.ndarray) -> np.ndarray:

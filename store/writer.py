@@ -471,13 +471,13 @@ class PartitionWriter:
         length = chunk_length(self._schema, layer, total)
         shape = self._schema.stored_shape(layer, total)
         chunks = self._schema.stored_shape(layer, length)
-        names = list(DIMENSION_NAMES["fc7" if layer == "fc7" else "pool"])
-        names.insert(self._schema.stored_axis(layer), names.pop(time_axis(layer)))
+        axis = self._schema.stored_axis(layer)
+        names = list(DIMENSION_NAMES["fc7" if layer == "fc7" else "pool"])  # as read
+        names.insert(axis, names.pop(time_axis(layer)))  # time moved where it is stored
         array = _new_array(
             group, layer, shape, chunks, self._schema.dtype, tuple(names), self.compression
         )
         pieces = (self._schema.to_stored(layer, piece) for piece in self._pieces(table, layer))
-        axis = self._schema.stored_axis(layer)
         _write_along(array, pieces, axis, length * CHUNKS_PER_WRITE, length)
 
     def _write_timestamps(self, group: zarr.Group, table: pd.DataFrame) -> None:
